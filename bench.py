@@ -1,0 +1,241 @@
+"""Benchmarks. `python bench.py` runs each part and prints what it measured.
+
+- bench_train: train.py's epoch loop in pairs/s beside the floor of the same arithmetic
+  (`train.Session.train_step` on a batch already on the device), for the settings given as
+  KEY=VALUE (default: the DEMO preset), with the peak memory of each.
+- bench_eval: metric.calculate_top_map (mAP@50) at NUS-WIDE size (2,000 queries x 184,577
+  database items, 128 bits, 10 labels; random codes and labels from a fixed seed) against a
+  plain per-query loop with a stable sort, the way evaluation code in this field is usually
+  written. Reports median times, the speed-up, the difference between the two values on the
+  same queries, and the peak memory of each.
+
+The machine may be shared: the load average is printed with the timings.
+"""
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import metric
+import settings
+
+
+# ===== evaluation =====
+def random_task(n_query, n_db, nbits, n_labels, seed=0, density=0.2):
+    """Codes as train.py saves them (int8 +-1) and 0/1 labels (uint8), from a fixed seed.
+    Each label is on with probability `density` (NUS-WIDE items carry about two)."""
+    rng = np.random.default_rng(seed)
+    def codes(n):
+        return rng.choice(np.array([-1, 1], dtype=np.int8), size=(n, nbits))
+    def labels(n):
+        return (rng.random((n, n_labels)) < density).astype(np.uint8)
+    return codes(n_query), codes(n_db), labels(n_query), labels(n_db)
+
+
+def map_loop(qu_B, re_B, qu_L, re_L, topk):
+    """mAP@topk the straightforward way: for each query, Hamming distances, a stable argsort,
+    AP over the top k. The reference the fast version is timed and checked against."""
+    qu_B, re_B = np.asarray(qu_B, np.float32), np.asarray(re_B, np.float32)
+    qu_L, re_L = np.asarray(qu_L, np.float32), np.asarray(re_L, np.float32)
+    nbits = qu_B.shape[1]
+    aps = []
+    for i in range(len(qu_B)):
+        hamming = 0.5 * (nbits - re_B @ qu_B[i])
+        top = np.argsort(hamming, kind='stable')[:topk]
+        ranks = np.flatnonzero(re_L[top] @ qu_L[i] > 0) + 1  # positions of relevant items
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks) if len(ranks) else 0.0)
+    return float(np.mean(aps))
+
+
+def measure(fn, repeats, device):
+    """fn()'s value, wall seconds of each run, median CPU seconds (all threads; less
+    sensitive than wall time to other jobs on a shared machine), peak memory increase."""
+    times, cpu_times, peak = [], [], 0
+    for _ in range(repeats):
+        start_mem = _memory_start(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
+        peak = max(peak, _memory_peak(device) - start_mem)
+    return value, times, statistics.median(cpu_times), peak
+
+
+def _memory_start(device):
+    """Resets the peak counter and returns the current use."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:  # glibc keeps freed memory resident: hand it back, or reuse would hide new use
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # Linux: writing 5 resets VmHWM (the peak RSS) to the current RSS
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass  # then the peak below is the process's lifetime peak: an upper bound
+    return _proc_status('VmRSS')
+
+
+def _memory_peak(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status('VmHWM')
+
+
+def _proc_status(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def bench_eval(n_query=2000, n_db=184577, nbits=128, n_labels=10, topk=50, repeats=3,
+               loop_queries=200, device='cpu', seed=0):
+    """Times metric.calculate_top_map against map_loop; returns a dict of the figures."""
+    device = torch.device(device)
+    q_codes, db_codes, q_labels, db_labels = random_task(n_query, n_db, nbits, n_labels, seed)
+    on_device = [torch.from_numpy(x).to(device) if device.type != 'cpu' else x
+                 for x in (q_codes, db_codes, q_labels, db_labels)]
+    def fast(n):  # mAP of the first n queries
+        q, db, q_lab, db_lab = on_device
+        return metric.calculate_top_map(q[:n], db, q_lab[:n], db_lab, topk)
+    fast(8)  # warm-up (CUDA context, first allocations)
+    out = dict(n_query=n_query, n_db=n_db, nbits=nbits, n_labels=n_labels, topk=topk,
+               repeats=repeats, loop_queries=min(loop_queries, n_query), device=str(device))
+    out['fast_map'], out['fast_all_s'], out['fast_cpu_s'], out['fast_peak_bytes'] = \
+        measure(lambda: fast(n_query), repeats, device)
+    out['fast_s'] = statistics.median(out['fast_all_s'])
+    n = out['loop_queries']
+    out['loop_map'], loop_s, loop_cpu_s, out['loop_peak_bytes'] = measure(
+        lambda: map_loop(q_codes[:n], db_codes, q_labels[:n], db_labels, topk), 1,
+        torch.device('cpu'))
+    out['loop_s'] = loop_s[0] * n_query / n  # scaled to all queries
+    out['loop_cpu_s'] = loop_cpu_s * n_query / n
+    out['fast_subset_map'] = fast(n)
+    out['difference'] = abs(out['fast_subset_map'] - out['loop_map'])
+    out['speedup'] = out['loop_s'] / out['fast_s']
+    return out
+
+
+def print_eval(r):
+    mib = 2 ** 20
+    print(f"== evaluation: mAP@{r['topk']}, {r['n_query']} queries x {r['n_db']} database, "
+          f"{r['nbits']} bits, {r['n_labels']} labels, on {r['device']} ==")
+    print(f"fast  metric.calculate_top_map: median {r['fast_s']:.3f} s over {r['repeats']} "
+          f"repeats ({', '.join(f'{t:.3f}' for t in r['fast_all_s'])}), CPU time "
+          f"{r['fast_cpu_s']:.2f} s; mAP {r['fast_map']:.6f}; "
+          f"peak memory +{r['fast_peak_bytes'] / mib:.0f} MiB")
+    print(f"loop  per query, np.argsort(kind='stable'): {r['loop_s']:.1f} s, CPU time "
+          f"{r['loop_cpu_s']:.1f} s (timed on the first {r['loop_queries']} queries, scaled "
+          f"x{r['n_query'] / r['loop_queries']:g}); "
+          f"peak memory +{r['loop_peak_bytes'] / mib:.0f} MiB")
+    print(f"speed-up {r['speedup']:.1f}x (CPU time: "
+          f"{r['loop_cpu_s'] / r['fast_cpu_s']:.1f}x); on those {r['loop_queries']} queries: fast "
+          f"{r['fast_subset_map']:.12f}, loop {r['loop_map']:.12f}, "
+          f"difference {r['difference']:.1e}")
+
+
+# ===== training =====
+def bench_train(cfg, steps=8, epochs=1):
+    """Pairs per second of train.py's own epoch loop (data loading included) beside the
+    floor of its arithmetic: the same train_step (frozen feature net forward, image and
+    text nets forward and backward, both SGD updates) on one batch already on the device."""
+    import datasets
+    import train
+    data = datasets.load(cfg)
+    session = train.Session(cfg, data)
+    device = session.device
+    images = torch.randint(0, 256, (cfg.BATCH_SIZE, 3, cfg.CROP, cfg.CROP), dtype=torch.uint8,
+                           device=device)
+    texts = torch.from_numpy(data.texts[data.train[:cfg.BATCH_SIZE]]).to(device)
+    session.img_net.train()
+    session.txt_net.train()
+    out = dict(batch=cfg.BATCH_SIZE, crop=cfg.CROP, backbone=cfg.BACKBONE, device=str(device),
+               dataset=cfg.DATASET, workers=cfg.NUM_WORKERS)
+    def one_step():
+        session.train_step(images, texts)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    one_step()  # warm-up (allocations, cudnn autotuning)
+    _, step_s, _, out['floor_peak_bytes'] = measure(one_step, steps, device)
+    out['floor_s'] = statistics.median(step_s)
+    out['floor_pairs_per_s'] = cfg.BATCH_SIZE / out['floor_s']
+    speeds = []
+    start_mem = _memory_start(device)
+    for epoch in range(epochs):
+        _, speed = session.train_epoch(epoch)
+        speeds.append(speed)
+    out['loop_peak_bytes'] = _memory_peak(device) - start_mem
+    out['loop_pairs_per_s'] = statistics.median(speeds)
+    out['epochs'], out['steps'] = epochs, steps
+    out['ratio'] = out['loop_pairs_per_s'] / out['floor_pairs_per_s']
+    return out
+
+
+def print_train(r):
+    mib = 2 ** 20
+    print(f"== training: {r['dataset']}, {r['backbone']}, batch {r['batch']} of "
+          f"{r['crop']} x {r['crop']}, on {r['device']}, {r['workers']} loader workers ==")
+    print(f"floor  train_step on a batch already on the device: median "
+          f"{r['floor_s']:.3f} s per step over {r['steps']} steps = "
+          f"{r['floor_pairs_per_s']:.1f} pairs/s; peak memory +"
+          f"{r['floor_peak_bytes'] / mib:.0f} MiB")
+    print(f"train  Session.train_epoch (as metrics.jsonl reports it): median "
+          f"{r['loop_pairs_per_s']:.1f} pairs/s over {r['epochs']} epoch(s); peak memory +"
+          f"{r['loop_peak_bytes'] / mib:.0f} MiB")
+    print(f"ratio  {r['ratio']:.1%} of the floor")
+
+
+# ===== machine and entry point =====
+def machine():
+    """One line: CPU model, cores torch uses, GPU if any, and the load average."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ''
+    return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads{gpu}; load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--repeats', type=int, default=3, help="timed runs of the fast version")
+    parser.add_argument('--queries', type=int, default=2000, help="number of queries")
+    parser.add_argument('--database', type=int, default=184577, help="database size")
+    parser.add_argument('--bits', type=int, default=128)
+    parser.add_argument('--topk', type=int, default=50)
+    parser.add_argument('--loop-queries', type=int, default=200,
+                        help="queries the per-query loop is timed on (then scaled)")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--part', choices=('all', 'eval', 'train'), default='all')
+    parser.add_argument('--steps', type=int, default=8, help="timed steps of the floor")
+    parser.add_argument('--epochs', type=int, default=1, help="timed epochs of train.py's loop")
+    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
+                        help="settings for the training part (default: the DEMO preset)")
+    args = parser.parse_args(argv)
+    print(machine())
+    if args.part in ('all', 'eval'):
+        print_eval(bench_eval(args.queries, args.database, args.bits, topk=args.topk,
+                              repeats=args.repeats, loop_queries=args.loop_queries,
+                              device=args.device))
+    if args.part in ('all', 'train'):
+        cfg = settings.resolve(['DATASET=DEMO', *args.overrides])
+        print_train(bench_train(cfg, args.steps, args.epochs))
+    print(machine())  # the load average again: did it change during the run?
+
+
+if __name__ == '__main__':
+    settings.run_cli(main, None)

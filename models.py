@@ -1,0 +1,136 @@
+"""The two hashing networks of DJSRH.
+
+ImgNet: an ImageNet CNN trunk up to fc7 (4096-d, after its ReLU) and a new linear hash layer.
+TxtNet: Linear(d_T, 4096) -> ReLU -> Linear(4096, d).
+Both return (features, H, B) with B = tanh(alpha * H), alpha = sqrt(epoch + 1) for the
+0-based epoch (the authors' `set_alpha`), so alpha = sqrt(t) for the 1-based epoch t.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from settings import UserError
+
+# Each backbone: torchvision constructor, weights enum name, and how many classifier layers
+# to keep so that the output is fc7 after its ReLU.
+#   AlexNet classifier: Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8 -> keep 6 (the authors' code)
+#   VGG-19 classifier:  fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8 -> keep 5
+BACKBONES = {
+    'alexnet': (torchvision.models.alexnet, 'AlexNet_Weights', 6),
+    'vgg19': (torchvision.models.vgg19, 'VGG19_Weights', 5),
+}
+
+
+def build_backbone(name, pretrained=True, pretrained_path=''):
+    """A torchvision CNN with ImageNet weights (from PRETRAINED_PATH if given) or random ones."""
+    make, weights_enum, _ = BACKBONES[name]
+    if not pretrained:
+        return he_init(make(weights=None))
+    if pretrained_path:
+        return load_local_weights(make(weights=None), name, pretrained_path)
+    weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
+    try:
+        return make(weights=weights)
+    except Exception as err:  # offline, proxy, truncated download: all need the same fix
+        raise UserError(
+            f"could not get the ImageNet weights of {name} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); download {weights.url} and pass "
+            f"PRETRAINED_PATH=<that file>, or PRETRAINED=False to start from random weights"
+        ) from None
+
+
+def he_init(model):
+    """He (Kaiming) initialisation of every conv and linear layer, zero biases.
+
+    Only for PRETRAINED=False (the demo, the tests). PyTorch's default initialisation shrinks
+    AlexNet's activations layer after layer: its fc7 outputs come out about 200 times smaller
+    than the hash layer's bias, every image gets the same code, and nothing is learned in a
+    few epochs. He initialisation keeps their scale, so random features carry the images'
+    structure, as pretrained ones do."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def load_local_weights(model, name, path):
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"PRETRAINED_PATH={path!r}: no such file") from None
+    except Exception as err:
+        raise UserError(f"PRETRAINED_PATH={path!r}: not a PyTorch weights file "
+                        f"({type(err).__name__})") from None
+    if isinstance(state, dict) and 'state_dict' in state:
+        state = state['state_dict']
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"PRETRAINED_PATH={path!r}: does not hold the ImageNet weights of "
+                        f"torchvision's {name} (keys or shapes differ)") from None
+    return model
+
+
+class ImgNet(nn.Module):
+    """CNN trunk up to fc7 + hash layer. Dropout in the classifier is active in train mode."""
+
+    def __init__(self, backbone='vgg19', code_len=64, pretrained=True, pretrained_path='',
+                 trunk=None):
+        super().__init__()
+        net = trunk if trunk is not None else build_backbone(backbone, pretrained,
+                                                             pretrained_path)
+        keep = BACKBONES[backbone][2]
+        self.features = net.features
+        self.avgpool = net.avgpool
+        self.classifier = nn.Sequential(*list(net.classifier.children())[:keep])
+        self.hash = nn.Linear(4096, code_len)
+        self.alpha = 1.0
+
+    def set_alpha(self, epoch):
+        self.alpha = math.sqrt(epoch + 1.0)
+
+    def fc7(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+    def forward(self, x):
+        feat = self.fc7(x)
+        hid = self.hash(feat)
+        return feat, hid, torch.tanh(self.alpha * hid)
+
+    def frozen_copy(self):
+        """The feature network for S_I: the same starting weights, eval mode, no gradients."""
+        twin = copy.deepcopy(self).eval()
+        del twin.hash
+        for p in twin.parameters():
+            p.requires_grad_(False)
+        return twin
+
+    def head_parameters(self):
+        """fc6, fc7 and the hash layer: what Wiki trains (TRAIN_ALL_IMG=False)."""
+        return list(self.classifier.parameters()) + list(self.hash.parameters())
+
+
+class TxtNet(nn.Module):
+    def __init__(self, txt_dim, code_len=64):
+        super().__init__()
+        self.fc1 = nn.Linear(txt_dim, 4096)
+        self.fc2 = nn.Linear(4096, code_len)
+        self.alpha = 1.0
+
+    def set_alpha(self, epoch):
+        self.alpha = math.sqrt(epoch + 1.0)
+
+    def forward(self, x):
+        feat = torch.relu(self.fc1(x))
+        hid = self.fc2(feat)
+        return feat, hid, torch.tanh(self.alpha * hid)
+
+
+def binarize(hid):
+    """sign(H) in {-1, +1}; sign(0) is taken as +1 so every code is a valid binary code."""
+    return torch.where(hid >= 0, 1, -1).to(torch.int8)

@@ -1,0 +1,160 @@
+"""Precision@top-R and Hamming-radius precision-recall curves, drawn from saved codes.
+
+    python plots.py runs/MIRFlickr_DJSRH_vgg19_128bit_seed0 runs/MIRFlickr_DJSRH_vgg19_128bit_seed1 \
+        --out curves.png
+    python plots.py runs/DEMO_DJSRH_alexnet_32bit_seed0/codes/epoch_000.npz RUN_DIR --out c.png
+
+Each argument is a run directory (its final codes: the file results.json names, else the
+latest codes/epoch_EEE.npz; --epoch picks another) or one codes .npz file. Nothing is
+retrained or re-encoded: the curves come from the saved codes alone (CONTRACT.md keys
+query_img, query_txt, db_img, db_txt, query_labels, db_labels), through metric.py.
+
+The figure has four panels: precision@top-R for I->T and T->I (R up to 2,000 on Wiki and
+5,000 on MIRFlickr and NUS-WIDE, as in the paper's figure; up to the database size
+otherwise), and precision against recall as the Hamming radius grows from 0 to the code
+length, for I->T and T->I. Every run is one line on each panel.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import metric
+import settings
+
+# The largest R of the paper's precision@top-R figure.
+R_MAX = {'Wiki': 2000, 'MIRFlickr': 5000, 'NUSWIDE': 5000}
+CODE_KEYS = ('query_img', 'query_txt', 'db_img', 'db_txt', 'query_labels', 'db_labels')
+# direction -> (query codes, database codes): I->T ranks text codes for image queries.
+DIRECTIONS = {'i2t': ('query_img', 'db_txt'), 't2i': ('query_txt', 'db_img')}
+DIRECTION_NAMES = {'i2t': 'I->T', 't2i': 'T->I'}
+
+
+# ===== finding and reading codes =====
+def find_codes(path, epoch=None):
+    """The codes file of a run directory (or path itself if it is a .npz file)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise settings.UserError(f"{path}: no such run directory or codes file")
+    if epoch is not None:
+        chosen = path / 'codes' / f'epoch_{epoch:03d}.npz'
+        if not chosen.exists():
+            raise settings.UserError(f"{chosen}: no codes saved at epoch {epoch}")
+        return chosen
+    results = path / 'results.json'
+    if results.exists():
+        named = json.loads(results.read_text()).get('codes')
+        if named and (path / named).exists():
+            return path / named
+    saved = sorted((path / 'codes').glob('epoch_*.npz'))  # zero-padded: sorts by epoch
+    if not saved:
+        raise settings.UserError(f"{path}: no codes/epoch_EEE.npz in this run directory")
+    return saved[-1]
+
+
+def load_codes(npz_path):
+    """The six arrays of a codes file, ready for metric.py."""
+    with np.load(npz_path) as f:
+        missing = [k for k in CODE_KEYS if k not in f]
+        if missing:
+            raise settings.UserError(f"{npz_path}: missing {', '.join(missing)}")
+        return {k: f[k] for k in CODE_KEYS}  # metric.py takes the saved int8 as they are
+
+
+def run_info(npz_path):
+    """What the run directory around a codes file says about it: dataset, label."""
+    run_dir = Path(npz_path).resolve().parent.parent
+    info = {}
+    for name in ('settings.json', 'results.json'):
+        if (run_dir / name).exists():
+            saved = json.loads((run_dir / name).read_text())
+            info.update({k.lower(): v for k, v in saved.items()})
+    label = (f"{info['dataset']} {info.get('variant', 'DJSRH')} {info['code_len']} bits "
+             f"seed {info.get('seed', '?')}" if 'dataset' in info and 'code_len' in info
+             else run_dir.name)
+    epoch = Path(npz_path).stem.replace('epoch_', 'epoch ')
+    return dict(dataset=info.get('dataset'), label=f'{label}, {epoch}')
+
+
+# ===== the curves (no drawing) =====
+def r_values(db_size, dataset=None, points=50):
+    """Up to `points` evenly spaced R from 1 to the paper's R_max (or the database size)."""
+    r_max = min(R_MAX.get(dataset, db_size), db_size)
+    return np.unique(np.linspace(1, r_max, points).round().astype(np.int64))
+
+
+def curves(codes, r):
+    """Per direction: precision@top-R at each R in r, and (precision, recall) per radius."""
+    out = {'r': np.asarray(r)}
+    for direction, (query, db) in DIRECTIONS.items():
+        args = (codes[query], codes[db], codes['query_labels'], codes['db_labels'])
+        precision, recall = metric.pr_curve_hamming(*args)
+        out[direction] = dict(p_at_r=to_numpy(metric.precision_at_top_r(*args, r)),
+                              precision=to_numpy(precision), recall=to_numpy(recall))
+    return out
+
+
+def to_numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, 'detach') else np.asarray(x)
+
+
+def run_curves(path, epoch=None, points=50):
+    """(label, curves) of one run directory or codes file."""
+    npz = find_codes(path, epoch)
+    codes, info = load_codes(npz), run_info(npz)
+    r = r_values(len(codes['db_img']), info['dataset'], points)
+    return info['label'], curves(codes, r)
+
+
+# ===== drawing =====
+def draw(series, out_path, title=None):
+    """A 2 x 2 figure (rows: precision@top-R, precision-recall; columns: I->T, T->I)."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only; no display needed
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+    for label, c in series:
+        for col, direction in enumerate(DIRECTIONS):
+            d = c[direction]
+            axes[0, col].plot(c['r'], d['p_at_r'], label=label)
+            axes[1, col].plot(d['recall'], d['precision'], marker='.', label=label)
+    for col, direction in enumerate(DIRECTIONS):
+        name = DIRECTION_NAMES[direction]
+        axes[0, col].set(title=f'{name}: precision@top-R', xlabel='R (number retrieved)',
+                         ylabel='precision')
+        axes[1, col].set(title=f'{name}: precision-recall by Hamming radius',
+                         xlabel='recall', ylabel='precision', xlim=(0, 1.02))
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize='small')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+# ===== command line =====
+def main(argv):
+    p = argparse.ArgumentParser(prog='plots.py', description=__doc__.split('\n')[0])
+    p.add_argument('runs', nargs='+', metavar='RUN_DIR',
+                   help="run directories or codes .npz files; one line each")
+    p.add_argument('--out', required=True, help="the PNG file to write")
+    p.add_argument('--epoch', type=int, help="use codes/epoch_EEE.npz of each run directory "
+                                             "instead of the final codes")
+    p.add_argument('--points', type=int, default=50, help="R values per curve (default 50)")
+    p.add_argument('--title', help="a title over the figure")
+    args = p.parse_args(argv)
+    series = [run_curves(path, args.epoch, args.points) for path in args.runs]
+    draw(series, args.out, args.title)
+    print(f'written: {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(settings.run_cli(main, sys.argv[1:]))

@@ -1,0 +1,424 @@
+"""Build the DCMH-style files (SPEC section 3) from the raw public downloads.
+
+    python prepare.py DATASET=MIRFlickr RAW_DIR=downloads/mirflickr DATA_DIR=data/mirflickr
+    python prepare.py DATASET=NUSWIDE RAW_DIR=downloads/nuswide DATA_DIR=data/nuswide
+    python prepare.py DATASET=DEMO DATA_DIR=data/demo     # the generated DEMO set
+    python prepare.py DATASET=Wiki DATA_DIR=data/wiki     # already in its layout: a check
+
+RAW_DIR may hold the downloads as zip files, unpacked, or both; files are found by their
+paths inside the downloads, not by where RAW_DIR puts them.
+
+MIRFlickr-25K (mirflickr25k.zip: mirflickr/im1.jpg .. im25000.jpg, mirflickr/meta/tags/
+tags1.txt ..; mirflickr25k_annotations_v080.zip: <label>.txt and <label>_r1.txt listing
+1-based image numbers, README.txt):
+  1. labels: the 24 lists without the _r1 suffix, columns in alphabetical order;
+  2. text: the tags (mirflickr/meta/tags, the lower-cased "clean" ones) used by at least
+     MIN_TAG_IMAGES = 20 of the 25,000 images, most used first: 1,386 tags; a 0/1 vector;
+  3. pairs with no label or none of those tags are dropped: 20,015 pairs remain;
+  4. images resized to SIZE x SIZE (224, bicubic, antialiased; aspect not kept), written
+     as MATLAB -v7.3 writes them; YAll and LAll as v5.
+
+NUS-WIDE (ImageList/Imagelist.txt, Groundtruth/AllLabels/Labels_<concept>.txt,
+NUS_WID_Tags/AllTags1k.txt, and the images under Flickr/<concept>/<name>.jpg):
+  1. labels: the TOP_CONCEPTS = 10 concepts with the most images, in alphabetical order;
+  2. text: the 1,000-d 0/1 tag vector of AllTags1k.txt;
+  3. pairs with none of the 10 concepts, no tag, or no readable image are dropped
+     (DCMH reports 186,577 pairs; the counts are printed);
+  4. IAll and YAll as MATLAB -v7.3 writes them, LAll as v5.
+Every pair's original image number (or Imagelist line) goes to <prefix>-ids.txt, and the
+tag vocabulary to <prefix>-tags.txt. The result is checked as `python datasets.py` does.
+"""
+import io
+import multiprocessing
+import os
+import re
+import sys
+import zipfile
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+import datasets
+import settings
+from settings import UserError
+
+# Settings of this script: KEY=VALUE on the command line, as for train.py.
+DEFAULTS = dict(
+    DATASET='MIRFlickr',     # 'MIRFlickr' | 'NUSWIDE' | 'DEMO' | 'Wiki'
+    RAW_DIR='',              # the downloads (zip files or unpacked); not used by DEMO / Wiki
+    DATA_DIR='',             # where the files go; '' = the dataset's default (settings.py)
+    SIZE=224,                # images are resized to SIZE x SIZE (the DCMH files: 224)
+    MIN_TAG_IMAGES=20,       # MIRFlickr: a tag enters the vocabulary if this many images use it
+    TOP_CONCEPTS=10,         # NUS-WIDE: how many of the most frequent concepts become labels
+    WORKERS=0,               # processes decoding images; 0 = one per CPU
+)
+IMAGE_BLOCK = 2048                   # images decoded per round of the worker pool
+MIR_EXPECTED = (20015, 1386, 24)     # pairs, tags, labels of the published files
+NUS_EXPECTED = (186577, 1000, 10)
+
+
+# ===== the downloads =====
+
+class RawTree:
+    """Every file under a folder, and every member of every zip file in it, by its path
+    inside the download ('/'-separated)."""
+
+    def __init__(self, root):
+        if not root or not os.path.isdir(root):
+            raise UserError(f"setting RAW_DIR={root!r}: no such folder; expected the folder "
+                            f"holding the raw downloads (zip files or unpacked)")
+        self.entries, self.zips = {}, {}
+        for folder, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                if name.lower().endswith('.zip'):
+                    self.add_zip(path)
+                else:
+                    rel = os.path.relpath(path, root).replace(os.sep, '/')
+                    self.entries.setdefault(rel, (None, path))
+
+    def add_zip(self, path):
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise UserError(f"{path}: not a readable zip file ({err})") from None
+        self.zips[path] = archive
+        for info in archive.infolist():
+            if not info.is_dir():
+                self.entries.setdefault(info.filename, (path, info.filename))
+
+    def read(self, rel):
+        archive, name = self.entries[rel]
+        try:
+            if archive is None:
+                with open(name, 'rb') as f:
+                    return f.read()
+            return self.zips[archive].read(name)
+        except Exception as err:
+            raise UserError(f"{self.where(rel)}: cannot be read ({datasets.one_line(err)})") \
+                from None
+
+    def where(self, rel):
+        archive, name = self.entries[rel]
+        return name if archive is None else f"{archive}:{name}"
+
+    def match(self, pattern):
+        """{first group: path} for every path matching the regular expression."""
+        regex = re.compile(pattern)
+        found = {}
+        for rel in self.entries:
+            m = regex.search(rel)
+            if m:
+                found.setdefault(m.group(1), rel)
+        return found
+
+    def one(self, suffix, what):
+        hits = [rel for rel in self.entries if rel == suffix or rel.endswith('/' + suffix)]
+        if not hits:
+            raise UserError(f"RAW_DIR: no {suffix} found; expected {what}")
+        return sorted(hits, key=len)[0]
+
+
+def lines_of(data):
+    return [line.strip() for line in data.decode('utf-8', 'replace').splitlines()]
+
+
+# ===== images =====
+
+def decode(args):
+    """Raw bytes -> (SIZE, SIZE, 3) uint8, or None when they are not a readable image.
+    Resized without keeping the aspect ratio, bicubic with antialiasing (as MATLAB's
+    imresize, which built the DCMH files); EXIF orientation is ignored, as MATLAB's imread
+    does, so the pixels stay in the order the JPEG stores them."""
+    raw, size = args
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img = img.convert('RGB').resize((size, size), Image.BICUBIC)
+            return np.asarray(img, np.uint8)
+    except Exception:
+        return None
+
+
+def write_images(path, tree, rels, size, workers):
+    """Decode and write the images of `rels` (None = missing) into a v7.3 IAll, in order.
+    Returns a boolean array: which of them were written."""
+    ok = np.zeros(len(rels), bool)
+    todo = [j for j, rel in enumerate(rels) if rel is not None]
+    tmp = path + '.tmp'
+    n = 0
+    with Workers(workers) as mapper, datasets.open_mat73(tmp) as f:  # fork before opening
+        ds = datasets.add_mat73(f, 'IAll', (size, size, 3, len(rels)), np.uint8,
+                                chunks=(1, 3, size, size), growable=True)
+        # a block at a time, so that the raw bytes waiting for a worker stay few
+        for start in range(0, len(todo), IMAGE_BLOCK):
+            block = todo[start:start + IMAGE_BLOCK]
+            images = mapper(decode, [(tree.read(rels[j]), size) for j in block])
+            for j, image in zip(block, images):
+                if image is not None:
+                    ds[n] = image.transpose(2, 1, 0)   # (H, W, 3) -> MATLAB's (3, W, H)
+                    ok[j], n = True, n + 1
+            print(f"  {n} images written", flush=True)
+        ds.resize(n, axis=0)
+    datasets.finish_mat73(tmp)
+    os.replace(tmp, path)
+    return ok
+
+
+class Workers:
+    """A map over worker processes (or in this process for one worker)."""
+
+    def __init__(self, workers):
+        self.workers = workers or os.cpu_count() or 1
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            # fork where there is one: a spawned worker would re-import torch to decode JPEGs
+            method = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
+            self.pool = multiprocessing.get_context(method).Pool(self.workers)
+            return lambda fn, jobs: self.pool.map(fn, jobs, chunksize=16)
+        return lambda fn, jobs: [fn(job) for job in jobs]
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def report_dropped(rels, ok, tree):
+    bad = [rel for rel, good in zip(rels, ok) if rel is not None and not good]
+    missing = sum(rel is None for rel in rels)
+    if missing:
+        print(f"  dropped {missing} pairs whose image file is missing")
+    if bad:
+        shown = ', '.join(tree.where(rel) for rel in bad[:3])
+        print(f"  dropped {len(bad)} pairs whose image is not readable: {shown}"
+              + (' ...' if len(bad) > 3 else ''))
+
+
+def write_text_file(path, rows):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(f"{row}\n" for row in rows)
+
+
+# ===== MIRFlickr-25K =====
+
+def mirflickr_labels(tree, ids):
+    """(label names, (len(ids), 24) 0/1) from the annotation lists without _r1."""
+    anchor = tree.match(r'(?:^|/)(animals)\.txt$')
+    if not anchor:
+        raise UserError("RAW_DIR: no animals.txt found; expected the annotation files of "
+                        "mirflickr25k_annotations_v080.zip (<label>.txt, <label>_r1.txt)")
+    folder = os.path.dirname(anchor['animals'])
+    prefix = folder + '/' if folder else ''
+    # every lower-case <label>.txt beside it, but not the <label>_r1.txt ("relevant") lists
+    files = tree.match('^' + re.escape(prefix) + r'([a-z_0-9]+)\.txt$')
+    names = sorted(name for name in files if not name.endswith('_r1'))
+    row = {image_id: j for j, image_id in enumerate(ids)}
+    labels = np.zeros((len(ids), len(names)), np.uint8)
+    for k, name in enumerate(names):
+        for number, line in enumerate(lines_of(tree.read(files[name])), 1):
+            if not line:
+                continue
+            if not line.isdigit() or int(line) not in row:
+                raise UserError(f"{tree.where(files[name])} line {number}: expected an image "
+                                f"number from 1 to {max(ids)}, found {line[:40]!r}")
+            labels[row[int(line)], k] = 1
+    return names, labels
+
+
+def mirflickr_tags(tree, ids):
+    """Each image's set of (clean) tags, as bytes: the files may hold any encoding."""
+    files = tree.match(r'(?:^|/)meta/tags/tags(\d+)\.txt$')
+    tags = []
+    for image_id in ids:
+        rel = files.get(str(image_id))
+        raw = tree.read(rel) if rel else b''
+        tags.append({t.strip() for t in raw.splitlines() if t.strip()})
+    return tags, len(files)
+
+
+def compare_common_tags(tree, vocab, threshold):
+    """Cross-check with mirflickr/doc/common_tags.txt ('tag count' lines) when present."""
+    found = tree.match(r'(?:^|/)(doc/common_tags\.txt)$')
+    if not found:
+        return
+    listed = set()
+    for line in tree.read(found['doc/common_tags.txt']).splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isdigit() and int(fields[1]) >= threshold:
+            listed.add(fields[0])
+    ours = set(vocab)
+    if listed == ours:
+        print(f"  doc/common_tags.txt lists the same {len(ours)} tags")
+    else:
+        print(f"  doc/common_tags.txt differs: {len(ours - listed)} tags only here, "
+              f"{len(listed - ours)} only there")
+
+
+def build_mirflickr(cfg):
+    tree = RawTree(cfg['RAW_DIR'])
+    images = {int(k): rel for k, rel in tree.match(r'(?:^|/)im(\d+)\.jpg$').items()}
+    if not images:
+        raise UserError(f"RAW_DIR={cfg['RAW_DIR']!r}: no mirflickr/im<N>.jpg found; expected "
+                        f"the contents of mirflickr25k.zip")
+    ids = sorted(images)
+    print(f"MIRFlickr raw: {len(ids)} images (expected 25000)")
+    names, labels = mirflickr_labels(tree, ids)
+    print(f"  {len(names)} labels (expected 24): {', '.join(names)}")
+    tags, n_tag_files = mirflickr_tags(tree, ids)
+    print(f"  {n_tag_files} tag files (expected 25000)")
+    counts = Counter(t for image_tags in tags for t in image_tags)   # images per tag
+    vocab = sorted((t for t, c in counts.items() if c >= cfg['MIN_TAG_IMAGES']),
+                   key=lambda t: (-counts[t], t))
+    compare_common_tags(tree, vocab, cfg['MIN_TAG_IMAGES'])
+    column = {t: j for j, t in enumerate(vocab)}
+    texts = np.zeros((len(ids), len(vocab)), np.uint8)
+    for i, image_tags in enumerate(tags):
+        texts[i, [column[t] for t in image_tags if t in column]] = 1
+    has_label, has_tag = labels.any(1), texts.any(1)
+    keep = np.flatnonzero(has_label & has_tag)
+    print(f"  vocabulary: {len(vocab)} tags used by at least {cfg['MIN_TAG_IMAGES']} images "
+          f"(expected {MIR_EXPECTED[1]})")
+    print(f"  {int((~has_label).sum())} images have no label, {int((~has_tag).sum())} have "
+          f"none of those tags; {len(keep)} pairs kept (expected {MIR_EXPECTED[0]})")
+    prefix, ok = write_dcmh(cfg, 'MIRFlickr', tree, [images[ids[i]] for i in keep],
+                            texts[keep], labels[keep], yall_v73=False)
+    write_text_file(prefix + '-ids.txt', [ids[i] for i, good in zip(keep, ok) if good])
+    write_text_file(prefix + '-tags.txt',
+                    [f"{t.decode('utf-8', 'replace')}\t{counts[t]}" for t in vocab])
+    write_text_file(prefix + '-labels.txt', names)
+
+
+def write_dcmh(cfg, dataset, tree, rels, texts, labels, yall_v73):
+    """IAll from the images (dropping unreadable ones), then YAll and LAll for the pairs
+    kept. Returns (path prefix of the side files, which of `rels` were kept)."""
+    out = cfg['DATA_DIR']
+    os.makedirs(out, exist_ok=True)
+    iall, yall, lall = (os.path.join(out, name) for name in datasets.DCMH_FILES[dataset])
+    print(f"  writing {len(rels)} images of {cfg['SIZE']} x {cfg['SIZE']} to {iall}")
+    ok = write_images(iall, tree, rels, cfg['SIZE'], cfg['WORKERS'])
+    report_dropped(rels, ok, tree)
+    texts, labels = texts[ok].astype(np.float64), labels[ok].astype(np.float64)
+    if yall_v73:  # NUS-WIDE's YAll is v7.3 in the DCMH files (1.5 GB of doubles)
+        tmp = yall + '.tmp'
+        with datasets.open_mat73(tmp) as f:
+            datasets.add_mat73(f, 'YAll', texts.shape, np.float64, chunks=True,
+                               compression='gzip')[...] = texts.T
+        datasets.finish_mat73(tmp)
+        os.replace(tmp, yall)
+    else:
+        datasets.write_mat5(yall, {'YAll': texts})
+    datasets.write_mat5(lall, {'LAll': labels})
+    print(f"  wrote {yall} ({texts.shape[0]} x {texts.shape[1]}) and {lall} "
+          f"({labels.shape[0]} x {labels.shape[1]})")
+    return iall[:-len('-iall.mat')], ok
+
+
+# ===== NUS-WIDE =====
+
+def read_01_lines(tree, rel, width):
+    """A text file of `width` 0/1 values a line -> (lines, width) uint8, parsed in bulk."""
+    raw = np.frombuffer(tree.read(rel), np.uint8)
+    digits = raw[(raw >= ord('0')) & (raw <= ord('9'))]
+    if (digits > ord('1')).any():
+        raise UserError(f"{tree.where(rel)}: expected only 0 and 1 values")
+    if width == 0 or digits.size % width:
+        raise UserError(f"{tree.where(rel)}: {digits.size} values, not a whole number of "
+                        f"lines of {width}")
+    return (digits - ord('0')).reshape(-1, width)
+
+
+def nuswide_concepts(tree, n_lines, top):
+    """(chosen concept names in alphabetical order, (n_lines, top) labels, all counts)."""
+    files = tree.match(r'(?:^|/)AllLabels/Labels_(.+)\.txt$')
+    if not files:
+        raise UserError("RAW_DIR: no Groundtruth/AllLabels/Labels_<concept>.txt found; "
+                        "expected the contents of NUS-WIDE's Groundtruth.zip")
+    columns = {}
+    for name, rel in sorted(files.items()):
+        column = read_01_lines(tree, rel, 1)[:, 0]
+        if len(column) != n_lines:
+            raise UserError(f"{tree.where(rel)}: {len(column)} lines; expected {n_lines}, one "
+                            f"per line of Imagelist.txt")
+        columns[name] = column
+    counts = {name: int(c.sum()) for name, c in columns.items()}
+    chosen = sorted(sorted(counts, key=lambda name: (-counts[name], name))[:top])
+    return chosen, np.stack([columns[name] for name in chosen], 1), counts
+
+
+def build_nuswide(cfg):
+    tree = RawTree(cfg['RAW_DIR'])
+    listing = [line for line in lines_of(tree.read(tree.one(
+        'ImageList/Imagelist.txt', "NUS-WIDE's image list (ImageList.zip)"))) if line]
+    print(f"NUS-WIDE raw: {len(listing)} images listed (expected 269648)")
+    names, labels, counts = nuswide_concepts(tree, len(listing), cfg['TOP_CONCEPTS'])
+    print(f"  labels: the {len(names)} most frequent of {len(counts)} concepts: "
+          + ', '.join(f"{n} ({counts[n]})" for n in names))
+    texts = read_01_lines(tree, tree.one('AllTags1k.txt', "NUS_WID_Tags/AllTags1k.txt"), 1000)
+    if len(texts) != len(listing):
+        raise UserError(f"AllTags1k.txt has {len(texts)} lines; expected {len(listing)}, one "
+                        f"per line of Imagelist.txt")
+    # Images: Imagelist.txt names them 'concept\\name.jpg' (Windows separators, sometimes a
+    # longer prefix); match on the last two parts of the path.
+    jpgs = {'/'.join(rel.lower().split('/')[-2:]): rel for rel in tree.entries
+            if rel.lower().endswith('.jpg')}
+    rels = [jpgs.get('/'.join(line.replace('\\', '/').lower().split('/')[-2:]))
+            for line in listing]
+    has_label, has_tag = labels.any(1), texts.any(1)
+    keep = np.flatnonzero(has_label & has_tag)
+    print(f"  {int(has_label.sum())} images have one of the {len(names)} concepts; "
+          f"{len(keep)} of them have a tag (DCMH reports {NUS_EXPECTED[0]} pairs)")
+    prefix, ok = write_dcmh(cfg, 'NUSWIDE', tree, [rels[i] for i in keep], texts[keep],
+                            labels[keep], yall_v73=True)
+    write_text_file(prefix + '-ids.txt', [f"{i}\t{listing[i]}" for i, good in zip(keep, ok)
+                                          if good])
+    write_text_file(prefix + '-labels.txt', names)
+    taglist = [rel for rel in tree.entries if rel.endswith('TagList1k.txt')]
+    if taglist:
+        write_text_file(prefix + '-tags.txt', lines_of(tree.read(taglist[0]))[:1000])
+
+
+# ===== the command line =====
+
+def resolve(argv):
+    given = settings.parse_overrides(argv)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown setting {', '.join(unknown)}; valid settings: "
+                        f"{', '.join(DEFAULTS)}")
+    cfg = dict(DEFAULTS)
+    for key, value in given.items():
+        if type(value) is not type(DEFAULTS[key]):
+            raise UserError(f"setting {key}={value!r}: expected a "
+                            f"{type(DEFAULTS[key]).__name__} like {DEFAULTS[key]!r}")
+        cfg[key] = value
+    if cfg['DATASET'] not in settings.PRESETS:
+        raise UserError(f"setting DATASET={cfg['DATASET']!r}: expected one of "
+                        f"{', '.join(settings.PRESETS)}")
+    cfg['DATA_DIR'] = cfg['DATA_DIR'] or settings.PRESETS[cfg['DATASET']]['DATA_DIR']
+    if cfg['SIZE'] < 1 or cfg['MIN_TAG_IMAGES'] < 1 or cfg['TOP_CONCEPTS'] < 1:
+        raise UserError("settings SIZE, MIN_TAG_IMAGES and TOP_CONCEPTS: expected positive "
+                        "integers")
+    return cfg
+
+
+def main(argv):
+    cfg = resolve(argv)
+    dataset = cfg['DATASET']
+    if dataset == 'MIRFlickr':
+        build_mirflickr(cfg)
+    elif dataset == 'NUSWIDE':
+        build_nuswide(cfg)
+    elif dataset == 'DEMO':
+        datasets.make_demo(cfg['DATA_DIR'])
+        print(f"DEMO: wrote {datasets.DEMO_PAIRS} generated pairs to {cfg['DATA_DIR']}")
+    else:
+        print("Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
+              "into DATA_DIR); checking it")
+    datasets.check(settings.resolve(DATASET=dataset, DATA_DIR=cfg['DATA_DIR']))
+    return 0
+
+
+if __name__ == '__main__':
+    settings.run_cli(main, sys.argv[1:])

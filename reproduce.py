@@ -1,0 +1,442 @@
+"""Reproduce the paper's tables: a grid of train.py runs, then a summary beside the paper.
+
+    python reproduce.py                                  # Table 2, then Table 1, 3 seeds each
+    python reproduce.py --table 2 --datasets MIRFlickr --bits 16 64 --seeds 3
+    python reproduce.py --table 1 BACKBONE=alexnet       # KEY=VALUE goes on to every train.py
+    python reproduce.py --table demo --seeds 2           # the small generated DEMO dataset
+    python reproduce.py summary runs                     # runs/summary.md and runs/summary.csv
+
+Each cell (dataset, variant, code length, seed) is one `python train.py ...` in its own run
+directory, OUT_DIR/RUN_NAME, named as train.py names it by default. A cell whose directory
+already holds results.json is skipped, so an interrupted grid resumes where it stopped (and
+train.py itself resumes a half-finished cell from its checkpoint).
+
+The summary reads every results.json under a folder and lists, per cell and direction, our
+mean ± sample standard deviation (ddof=1) over seeds beside the paper's mAP@50 (its Tables 1
+and 2).
+"""
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import settings
+
+# ===== the paper's numbers (mAP@50, Tables 1 and 2 of the paper) =====
+BITS = (16, 32, 64, 128)
+# Table 2: (dataset) -> {direction: values at BITS}
+PAPER_TABLE2 = {
+    'Wiki': {'i2t': (0.388, 0.403, 0.412, 0.421), 't2i': (0.611, 0.635, 0.646, 0.658)},
+    'MIRFlickr': {'i2t': (0.810, 0.843, 0.862, 0.876), 't2i': (0.786, 0.822, 0.835, 0.847)},
+    'NUSWIDE': {'i2t': (0.724, 0.773, 0.798, 0.817), 't2i': (0.712, 0.744, 0.771, 0.789)},
+}
+# Table 1 (NUS-WIDE): variant -> (64 I->T, 64 T->I, 128 I->T, 128 T->I)
+PAPER_TABLE1 = {
+    'DJSRH-1': (0.717, 0.712, 0.741, 0.735),
+    'DJSRH-2': (0.702, 0.606, 0.734, 0.581),
+    'DJSRH-3': (0.724, 0.720, 0.747, 0.738),
+    'DJSRH-4': (0.790, 0.745, 0.803, 0.757),
+    'DJSRH-5': (0.793, 0.747, 0.812, 0.768),
+    'DJSRH': (0.798, 0.771, 0.817, 0.789),
+    'DJSRH-6': (0.786, 0.770, 0.811, 0.782),
+}
+DIRECTIONS = ('i2t', 't2i')
+DIRECTION_NAMES = {'i2t': 'I->T', 't2i': 'T->I'}
+
+
+def paper_numbers():
+    """Both tables as one dict: (dataset, variant, bits, direction) -> mAP@50."""
+    table = {}
+    for dataset, rows in PAPER_TABLE2.items():
+        for direction, values in rows.items():
+            for bits, value in zip(BITS, values):
+                table[(dataset, 'DJSRH', bits, direction)] = value
+    for variant, values in PAPER_TABLE1.items():
+        keys = [(64, 'i2t'), (64, 't2i'), (128, 'i2t'), (128, 't2i')]
+        for (bits, direction), value in zip(keys, values):
+            table[('NUSWIDE', variant, bits, direction)] = value
+    return table
+
+
+PAPER = paper_numbers()
+
+# ===== the grid =====
+TABLES = {
+    '2': dict(datasets=('Wiki', 'MIRFlickr', 'NUSWIDE'), variants=('DJSRH',), bits=BITS),
+    '1': dict(datasets=('NUSWIDE',), variants=tuple(settings.VARIANTS), bits=(64, 128)),
+    'demo': dict(datasets=('DEMO',), variants=('DJSRH',), bits=(16, 32)),
+}
+# The grid sets these itself, one value per cell; a KEY=VALUE for them would be ambiguous.
+GRID_KEYS = ('DATASET', 'VARIANT', 'CODE_LEN', 'SEED', 'OUT_DIR', 'RUN_NAME')
+TRAIN_PY = Path(__file__).resolve().parent / 'train.py'
+# Settings that do not change a run's numbers: a finished cell made with other values of
+# these is still the same cell.
+HARMLESS_KEYS = {'DATA_DIR', 'OUT_DIR', 'RUN_NAME', 'NUM_WORKERS', 'DEVICE', 'RESUME', 'EVAL',
+                 'EVAL_BATCH_SIZE', 'IN_MEMORY', 'PRETRAINED_PATH'}
+
+
+def grid_cells(tables, datasets, variants, bits, seeds):
+    """The cells to run, in order, without duplicates: (dataset, variant, bits, seed).
+
+    Tables 1 and 2 share NUS-WIDE DJSRH at 64 and 128 bits; it runs once."""
+    cells = []
+    for seed in range(seeds):  # seed 0 of every cell first: a partial grid covers the table
+        for name in tables:
+            table = TABLES[name]
+            for dataset in datasets or table['datasets']:
+                for variant in variants or table['variants']:
+                    for code_len in bits or table['bits']:
+                        cell = (dataset, variant, code_len, seed)
+                        if cell not in cells:
+                            cells.append(cell)
+    return cells
+
+
+def cell_config(cell, extra):
+    """The resolved settings of one cell (checks the extra overrides as train.py would)."""
+    dataset, variant, code_len, seed = cell
+    return settings.resolve(extra, DATASET=dataset, VARIANT=variant, CODE_LEN=code_len,
+                            SEED=seed)
+
+
+def run_name(cfg):
+    """train.py's default run name (CONTRACT.md), so both tools find the same directory."""
+    return f"{cfg.DATASET}_{cfg.VARIANT}_{cfg.BACKBONE}_{cfg.CODE_LEN}bit_seed{cfg.SEED}"
+
+
+def train_command(cell, out_dir, name, extra):
+    """The train.py command line of one cell."""
+    dataset, variant, code_len, seed = cell
+    return [sys.executable, str(TRAIN_PY), f'DATASET={dataset}', f'VARIANT={variant}',
+            f'CODE_LEN={code_len}', f'SEED={seed}', f'OUT_DIR={out_dir}', f'RUN_NAME={name}',
+            *extra]
+
+
+def changed_settings(run_dir, cfg):
+    """Keys whose value in run_dir/settings.json differs from cfg (ignoring harmless ones)."""
+    path = Path(run_dir) / 'settings.json'
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    return sorted(k for k, v in vars(cfg).items()
+                  if k not in HARMLESS_KEYS and k in saved and saved[k] != v)
+
+
+# ===== time estimates =====
+def format_duration(seconds):
+    """12 s, 4.5 min, 3.2 h: short and readable in a progress line."""
+    if seconds is None or not math.isfinite(seconds):
+        return '?'
+    if seconds < 90:
+        return f'{seconds:.0f} s'
+    if seconds < 5400:
+        return f'{seconds / 60:.1f} min'
+    return f'{seconds / 3600:.1f} h'
+
+
+def time_left(todo, times):
+    """Estimated seconds for the cells in todo, from the wall times seen so far.
+
+    A cell is estimated by the mean time of finished cells of the same dataset and code
+    length, else of the same dataset, else of any; None while nothing has finished."""
+    if not times:
+        return None
+    def mean_of(match):
+        seen = [t for cell, t in times if match(cell)]
+        return statistics.fmean(seen) if seen else None
+    total = 0.0
+    for d, _, b, _ in todo:
+        guess = mean_of(lambda c: c[0] == d and c[2] == b)
+        guess = guess if guess is not None else mean_of(lambda c: c[0] == d)
+        total += guess if guess is not None else mean_of(lambda c: True)
+    return total
+
+
+def finished_time(run_dir):
+    """wall_time_s of a finished run (None if its timing.json is missing)."""
+    return read_timing(run_dir).get('wall_time_s')
+
+
+def read_timing(run_dir):
+    """timing.json: kept apart from results.json, which two equal runs write identically."""
+    path = Path(run_dir) / 'timing.json'
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ===== running the grid =====
+def run_cell(cmd, run_dir, quiet):
+    """Run one train.py; quiet sends its output to run_dir/train.log. Returns the exit code."""
+    if not quiet:
+        return wait_for(subprocess.Popen(cmd))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / 'train.log', 'a') as log:
+        return wait_for(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+
+
+def wait_for(proc):
+    """Wait for train.py. On Ctrl-C it got the same SIGINT and stops after its batch, saving a
+    checkpoint: let it finish that (subprocess.call would kill it), then stop the grid."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print('\ninterrupted: waiting for train.py to save its checkpoint '
+              '(Ctrl-C again aborts it)', file=sys.stderr, flush=True)
+        proc.wait()
+        raise
+
+
+def cell_label(cell):
+    dataset, variant, code_len, seed = cell
+    return f'{dataset} {variant} {code_len} bits seed {seed}'
+
+
+def run_grid(args):
+    extra = list(args.overrides)
+    given = settings.parse_overrides(extra)
+    clash = sorted(set(given) & set(GRID_KEYS))
+    if clash:
+        raise settings.UserError(f"setting {', '.join(clash)} is set by the grid; use "
+                                 "--table/--datasets/--variants/--bits/--seeds/--out-dir")
+    cells = grid_cells(args.table, args.datasets, args.variants, args.bits, args.seeds)
+    configs = [cell_config(cell, extra) for cell in cells]  # every mistake before any run
+    out_dir = Path(args.out_dir)
+    todo = [c for c, cfg in zip(cells, configs)
+            if not (out_dir / run_name(cfg) / 'results.json').exists()]
+    print(f'{len(cells)} cells, {len(cells) - len(todo)} already finished, '
+          f'runs in {out_dir}', flush=True)
+    times, ran = [], 0
+    for i, (cell, cfg) in enumerate(zip(cells, configs), 1):
+        run_dir = out_dir / run_name(cfg)
+        tag = f'[{i}/{len(cells)}] {cell_label(cell)}'
+        if (run_dir / 'results.json').exists():
+            report_skip(tag, run_dir, cfg, cell, times)
+            continue
+        if args.max_cells is not None and ran >= args.max_cells:
+            print(f'stopping after {ran} cells (--max-cells); run again to go on', flush=True)
+            return 0
+        cmd = train_command(cell, out_dir, run_name(cfg), extra)
+        if args.dry_run:
+            print(f'{tag}: would run: {" ".join(cmd)}', flush=True)
+            continue
+        print(f'{tag}: running in {run_dir}', flush=True)
+        start = time.time()
+        code = run_cell(cmd, run_dir, args.quiet)
+        if code == 130:  # train.py stopped on SIGINT and saved its checkpoint
+            raise KeyboardInterrupt
+        if code != 0 or not (run_dir / 'results.json').exists():
+            where = f'; see {run_dir / "train.log"}' if args.quiet else ''
+            print(f'{tag}: train.py failed (exit {code}){where}', file=sys.stderr)
+            return 1
+        ran += 1
+        todo.remove(cell)
+        times.append((cell, time.time() - start))
+        left = (f'{len(todo)} cell{"s" if len(todo) > 1 else ""} left, about '
+                f'{format_duration(time_left(todo, times))}' if todo else 'no cells left')
+        print(f'{tag}: done in {format_duration(times[-1][1])}, {result_line(run_dir)}; {left}',
+              flush=True)
+    if not args.dry_run:
+        print(f'all {len(cells)} cells finished; summary: '
+              f'python reproduce.py summary {out_dir}')
+    return 0
+
+
+def report_skip(tag, run_dir, cfg, cell, times):
+    """Progress line of a finished cell; warn if it was made with other settings."""
+    print(f'{tag}: finished already, skipped ({result_line(run_dir)})', flush=True)
+    changed = changed_settings(run_dir, cfg)
+    if changed:
+        print(f'{tag}: warning: {run_dir} was made with other values of '
+              f'{", ".join(changed)} than asked for now (use another --out-dir, or delete '
+              'its results.json to run it again)', flush=True)
+    wall = finished_time(run_dir)
+    if wall:
+        times.append((cell, wall))  # finished cells inform the estimate as well
+
+
+def result_line(run_dir):
+    results = json.loads((Path(run_dir) / 'results.json').read_text())
+    return f"mAP@{results.get('topk', 50)} I->T {results['map_i2t']:.3f} " \
+           f"T->I {results['map_t2i']:.3f}"
+
+
+# ===== the summary =====
+def load_results(runs_dir):
+    """Every results.json under runs_dir, as dicts (with 'run_dir' added), sorted by path."""
+    out = []
+    for path in sorted(Path(runs_dir).rglob('results.json')):
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise settings.UserError(f"{path}: not valid JSON ({err})") from None
+        missing = [k for k in ('dataset', 'code_len', 'map_i2t', 'map_t2i') if k not in results]
+        if missing:
+            raise settings.UserError(f"{path}: missing {', '.join(missing)}")
+        results['run_dir'] = str(path.parent)
+        results.update(read_timing(path.parent))
+        out.append(results)
+    return out
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return mean, std
+
+
+def sort_key(key):
+    """Datasets in the paper's order, variants in Table 1's order, then bits and direction."""
+    dataset, variant, backbone, topk, bits, direction = key
+    datasets = ['Wiki', 'MIRFlickr', 'NUSWIDE', 'DEMO']
+    variants = list(settings.VARIANTS)
+    return (datasets.index(dataset) if dataset in datasets else len(datasets), dataset,
+            variants.index(variant) if variant in variants else len(variants), variant,
+            backbone, topk, bits, direction)
+
+
+def summary_rows(results):
+    """One row per (dataset, variant, backbone, topk, bits, direction) over the seeds."""
+    groups = {}
+    for r in results:
+        for direction in DIRECTIONS:
+            key = (r['dataset'], r.get('variant', 'DJSRH'), r.get('backbone', '?'),
+                   r.get('topk', 50), r['code_len'], direction)
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for key in sorted(groups, key=sort_key):
+        dataset, variant, backbone, topk, bits, direction = key
+        runs = groups[key]
+        mean, std = mean_std([r[f'map_{direction}'] for r in runs])
+        # The paper's numbers are mAP@50: no comparison for another TOPK.
+        paper = PAPER.get((dataset, variant, bits, direction)) if topk == 50 else None
+        walls = [r['wall_time_s'] for r in runs if r.get('wall_time_s') is not None]
+        rows.append(dict(
+            dataset=dataset, variant=variant, bits=bits, task=DIRECTION_NAMES[direction],
+            metric=f'mAP@{topk}', n=len(runs), mean=mean, std=std, paper=paper,
+            diff=None if paper is None else mean - paper, backbone=backbone,
+            commit=commits(runs), wall_time_s=statistics.fmean(walls) if walls else None,
+            seeds=' '.join(str(s) for s in sorted(r.get('seed', '?') for r in runs))))
+    return rows
+
+
+def commits(runs):
+    """The short commit(s) the runs were made at ('dirty' marks survive)."""
+    found = sorted({str(r.get('commit') or '?')[:12] for r in runs})
+    return ', '.join(found)
+
+
+def markdown_table(rows):
+    header = ['dataset', 'variant', 'bits', 'task', 'ours: mean ± std (n)', 'paper', 'diff',
+              'metric', 'backbone', 'commit', 'wall time / run']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for row in rows:
+        std = '-' if row['std'] is None else f"{row['std']:.3f}"
+        cells = [row['dataset'], row['variant'], str(row['bits']), row['task'],
+                 f"{row['mean']:.3f} ± {std} (n={row['n']})",
+                 '-' if row['paper'] is None else f"{row['paper']:.3f}",
+                 '-' if row['diff'] is None else f"{row['diff']:+.3f}",
+                 row['metric'], row['backbone'], row['commit'],
+                 format_duration(row['wall_time_s'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def write_csv(rows, path):
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: '' if v is None else v for k, v in row.items()})
+
+
+def summarize(args):
+    runs_dir = Path(args.runs_dir)
+    if not runs_dir.is_dir():
+        raise settings.UserError(f"{runs_dir}: no such folder")
+    rows = summary_rows(load_results(runs_dir))
+    if not rows:
+        raise settings.UserError(f"{runs_dir}: no results.json found under it")
+    prefix = Path(args.out) if args.out else runs_dir / 'summary'
+    note = ('ours: mAP over seeds, mean ± sample standard deviation (ddof=1; "-" for one '
+            "run); paper: the paper's Tables 1 and 2 (mAP@50); diff = ours - paper; "
+            'wall time: mean per run.\n')
+    text = markdown_table(rows)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix('.md').write_text(text + '\n' + note)
+    write_csv(rows, prefix.with_suffix('.csv'))
+    print(text + '\n' + note + f'written: {prefix.with_suffix(".md")}, '
+          f'{prefix.with_suffix(".csv")}')
+    return 0
+
+
+# ===== command line =====
+OVERRIDE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
+
+
+def run_parser():
+    p = argparse.ArgumentParser(
+        prog='reproduce.py', description='Run a grid of train.py cells (resumable). '
+        'See also: reproduce.py summary RUNS_DIR.')
+    p.add_argument('--table', nargs='+', choices=['2', '1', 'demo'],
+                   help="which grid: '2' (datasets x bits), '1' (NUS-WIDE ablation), "
+                        "'demo' (DEMO x 16, 32 bits); default: 2 then 1, or 2 alone "
+                        "when --datasets, --variants or --bits is given")
+    p.add_argument('--datasets', nargs='+', choices=list(settings.PRESETS),
+                   help="these datasets instead of the table's")
+    p.add_argument('--variants', nargs='+', choices=list(settings.VARIANTS),
+                   help="these variants instead of the table's")
+    p.add_argument('--bits', nargs='+', type=int, help="these code lengths instead of the table's")
+    p.add_argument('--seeds', type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
+    p.add_argument('--out-dir', default=settings.OUT_DIR,
+                   help=f"runs go to OUT_DIR/RUN_NAME (default {settings.OUT_DIR})")
+    p.add_argument('--max-cells', type=int, help="stop after running this many cells")
+    p.add_argument('--quiet', action='store_true',
+                   help="send train.py's output to <run dir>/train.log")
+    p.add_argument('--dry-run', action='store_true', help="print the commands, run nothing")
+    p.epilog = ("Any KEY=VALUE argument is passed on to every train.py "
+                "(e.g. BACKBONE=alexnet NUM_WORKERS=4).")
+    return p
+
+
+def summary_parser():
+    p = argparse.ArgumentParser(
+        prog='reproduce.py summary',
+        description='Tabulate every results.json under RUNS_DIR beside the paper.')
+    p.add_argument('runs_dir', metavar='RUNS_DIR')
+    p.add_argument('--out', help="output prefix: writes PREFIX.md and PREFIX.csv "
+                                 "(default RUNS_DIR/summary)")
+    return p
+
+
+def main(argv):
+    if argv and argv[0] == 'summary':
+        return summarize(summary_parser().parse_args(argv[1:]))
+    if argv and argv[0] == 'run':
+        argv = argv[1:]
+    # KEY=VALUE arguments are taken out first, so that '--bits 16 64 NUM_EPOCH=1' works.
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = run_parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
+    args.overrides = overrides
+    if args.table is None:
+        given = args.datasets or args.variants or args.bits
+        args.table = ['2'] if given else ['2', '1']
+    if args.seeds < 1:
+        raise settings.UserError(f"--seeds {args.seeds}: expected at least 1")
+    try:
+        return run_grid(args)
+    except KeyboardInterrupt:
+        print('\ninterrupted; run the same command again to resume', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(settings.run_cli(main, sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""plots.py: the curves it draws are metric.py's numbers for the right code pairs, they behave
+as they must on codes whose answer is known, and the PNG comes from saved codes alone."""
+import json
+
+import numpy as np
+import pytest
+
+import metric
+import plots
+
+BITS = 16
+CLASSES = 4
+
+
+def make_codes(rng, per_class_db=30, per_class_query=5, flip=0.0):
+    """Single-label data: every item's code is its class's codeword with a fraction `flip` of
+    bits flipped, image and text codes flipped independently. int8, as train.py saves them."""
+    words = rng.choice([-1, 1], size=(CLASSES, BITS))
+    words[1] = -words[0]  # keep the classes far apart
+    def part(n_per_class):
+        labels = np.repeat(np.eye(CLASSES, dtype=np.uint8), n_per_class, axis=0)
+        base = words[labels.argmax(1)]
+        noisy = lambda: np.where(rng.random(base.shape) < flip, -base, base).astype(np.int8)
+        return noisy(), noisy(), labels
+    q_img, q_txt, q_lab = part(per_class_query)
+    d_img, d_txt, d_lab = part(per_class_db)
+    return dict(query_img=q_img, query_txt=q_txt, db_img=d_img, db_txt=d_txt,
+                query_labels=q_lab, db_labels=d_lab)
+
+
+def save_run(run_dir, codes, epoch=3, results=None):
+    """A run directory holding only codes/epoch_EEE.npz (and results.json if given)."""
+    (run_dir / 'codes').mkdir(parents=True)
+    np.savez_compressed(run_dir / 'codes' / f'epoch_{epoch:03d}.npz', **codes)
+    if results is not None:
+        (run_dir / 'results.json').write_text(json.dumps(results))
+    return run_dir
+
+
+def test_curves_are_metric_values_of_the_right_pairs():
+    codes = make_codes(np.random.default_rng(0), flip=0.2)
+    r = plots.r_values(len(codes['db_img']), None)
+    c = plots.curves(codes, r)
+    for direction, query, db in (('i2t', 'query_img', 'db_txt'), ('t2i', 'query_txt', 'db_img')):
+        args = (codes[query], codes[db], codes['query_labels'], codes['db_labels'])
+        np.testing.assert_allclose(c[direction]['p_at_r'], metric.precision_at_top_r(*args, r))
+        precision, recall = metric.pr_curve_hamming(*args)
+        np.testing.assert_allclose(c[direction]['precision'], precision)
+        np.testing.assert_allclose(c[direction]['recall'], recall)
+    assert not np.allclose(c['i2t']['p_at_r'], c['t2i']['p_at_r'])  # the two pairs differ
+
+
+def test_precision_at_r_on_exact_codes():
+    # Every item carries its class's codeword: the top 30 (its class in the database) are all
+    # relevant, and after that precision falls as 30 / R, never rising again.
+    codes = make_codes(np.random.default_rng(1), per_class_db=30)
+    r = plots.r_values(len(codes['db_img']), None)
+    assert r[0] == 1 and r[-1] == len(codes['db_img'])
+    c = plots.curves(codes, r)
+    for direction in ('i2t', 't2i'):
+        p = np.asarray(c[direction]['p_at_r'])
+        np.testing.assert_allclose(p[r <= 30], 1.0)
+        np.testing.assert_allclose(p[r > 30], 30 / r[r > 30])
+        assert np.all(np.diff(p) <= 1e-12)
+        assert p[-1] == pytest.approx(1 / CLASSES)  # R = whole database
+
+
+def test_pr_curve_reaches_full_recall_at_full_radius():
+    codes = make_codes(np.random.default_rng(2), flip=0.3)
+    c = plots.curves(codes, np.array([1]))
+    for direction in ('i2t', 't2i'):
+        precision = np.asarray(c[direction]['precision'])
+        recall = np.asarray(c[direction]['recall'])
+        assert len(recall) == BITS + 1  # radius 0 .. code length
+        assert np.all(np.diff(recall) >= -1e-12)  # a larger ball never loses items
+        assert recall[-1] == pytest.approx(1.0)
+        # at the full radius everything is retrieved: precision = share of relevant items
+        assert precision[-1] == pytest.approx(1 / CLASSES)
+
+
+def test_r_max_follows_the_paper():
+    assert plots.r_values(20000, 'MIRFlickr')[-1] == 5000
+    assert plots.r_values(3000, 'Wiki')[-1] == 2000
+    assert plots.r_values(184577, 'NUSWIDE', points=10)[-1] == 5000
+    assert plots.r_values(180, 'DEMO')[-1] == 180  # DEMO: the whole database
+    assert len(plots.r_values(20000, 'MIRFlickr', points=50)) == 50
+
+
+def test_png_from_saved_codes_alone(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    bare = save_run(tmp_path / 'bare', make_codes(rng, flip=0.1))  # no json of any kind
+    named = save_run(tmp_path / 'named', make_codes(rng, flip=0.2), epoch=6, results=dict(
+        dataset='DEMO', variant='DJSRH', code_len=BITS, seed=1, codes='codes/epoch_006.npz'))
+    np.savez_compressed(named / 'codes' / 'epoch_000.npz', **make_codes(rng, flip=0.5))
+    drawn = []
+    real_draw = plots.draw
+    monkeypatch.setattr(plots, 'draw', lambda series, *a: (drawn.extend(series),
+                                                           real_draw(series, *a)))
+    out = tmp_path / 'fig' / 'curves.png'
+    assert plots.main([str(bare), str(named), '--out', str(out)]) == 0
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and out.stat().st_size > 10_000
+    labels = [label for label, _ in drawn]
+    assert labels == ['bare, epoch 003', 'DEMO DJSRH 16 bits seed 1, epoch 006']
+    # what was drawn is metric.py's value for the saved codes
+    saved = plots.load_codes(named / 'codes' / 'epoch_006.npz')
+    expect = metric.precision_at_top_r(saved['query_img'], saved['db_txt'],
+                                       saved['query_labels'], saved['db_labels'], drawn[1][1]['r'])
+    np.testing.assert_allclose(drawn[1][1]['i2t']['p_at_r'], expect)
+
+
+def test_which_codes_file(tmp_path):
+    rng = np.random.default_rng(4)
+    run = save_run(tmp_path / 'run', make_codes(rng), epoch=40)
+    np.savez_compressed(run / 'codes' / 'epoch_000.npz', **make_codes(rng))
+    np.savez_compressed(run / 'codes' / 'epoch_080.npz', **make_codes(rng))
+    assert plots.find_codes(run).name == 'epoch_080.npz'  # the latest without results.json
+    (run / 'results.json').write_text(json.dumps({'codes': 'codes/epoch_040.npz'}))
+    assert plots.find_codes(run).name == 'epoch_040.npz'  # the one results.json names
+    assert plots.find_codes(run, epoch=0).name == 'epoch_000.npz'
+    assert plots.find_codes(run / 'codes' / 'epoch_080.npz').name == 'epoch_080.npz'
+
+
+@pytest.mark.parametrize('argv', [['nowhere', '--out', 'x.png'],
+                                  ['RUN', '--out', 'x.png', '--epoch', '7']])
+def test_user_mistakes_exit_2(argv, tmp_path, capsys):
+    import settings
+    save_run(tmp_path / 'RUN', make_codes(np.random.default_rng(5)))
+    argv = [str(tmp_path / a) if a in ('nowhere', 'RUN', 'x.png') else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        settings.run_cli(plots.main, argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith('error: ')
+    assert not (tmp_path / 'x.png').exists()

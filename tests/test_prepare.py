@@ -1,0 +1,276 @@
+"""prepare.py: building the DCMH files from small trees in the real raw layouts."""
+import contextlib
+import io
+import os
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+import datasets
+import prepare
+import settings
+from conftest import config
+
+# The 24 annotation lists of mirflickr25k_annotations_v080.zip (14 also have an _r1 list).
+MIR_LABELS = ('animals', 'baby', 'bird', 'car', 'clouds', 'dog', 'female', 'flower', 'food',
+              'indoor', 'lake', 'male', 'night', 'people', 'plant_life', 'portrait', 'river',
+              'sea', 'sky', 'structures', 'sunset', 'transport', 'tree', 'water')
+MIR_R1 = ('animals', 'baby', 'bird', 'car', 'clouds', 'dog', 'female', 'flower', 'male',
+          'night', 'people', 'portrait', 'river', 'sea', 'tree')
+K = 60                        # images im1.jpg .. im60.jpg
+NO_LABEL = {5, 17}
+
+
+def jpeg(height, width, grey=False):
+    """Top half red, bottom half blue: tells whether a picture comes back upright."""
+    img = np.zeros((height, width, 3), np.uint8)
+    img[:height // 2, :, 0] = 255
+    img[height // 2:, :, 2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(img).convert('L' if grey else 'RGB').save(buf, 'JPEG', quality=95)
+    return buf.getvalue()
+
+
+def mir_labels_of(i):
+    if i in NO_LABEL:
+        return set()
+    return {MIR_LABELS[i % 24]} | ({'sky'} if i % 4 == 0 else set())
+
+
+def mir_tags_of(i):
+    tags = []
+    if i <= 30:
+        tags.append('common_a')        # 30 images
+    if i % 2 == 0:
+        tags.append('common_b')        # 30 images
+    if i <= 19:
+        tags += ['edge19', 'edge19']   # 19 images (twice in a file still counts once)
+    if i >= 41:
+        tags += ['edge20', 'café']     # 20 images each
+    if i == 35:
+        tags.append('rare35')
+    return tags
+
+
+def mir_files():
+    """{path inside the download: bytes} for both MIRFlickr zips."""
+    images, annotations = {}, {}
+    for i in range(1, K + 1):
+        images[f'mirflickr/im{i}.jpg'] = jpeg(30 + i % 3 * 10, 40 - i % 2 * 10, grey=i == 3)
+        images[f'mirflickr/meta/tags/tags{i}.txt'] = \
+            ''.join(t + '\r\n' for t in mir_tags_of(i)).encode('utf-8')
+        # decoys: the raw tags and the EXIF files must not be read as tags
+        images[f'mirflickr/meta/tags_raw/tags{i}.txt'] = b'RawTag\nAnother Raw\n'
+        images[f'mirflickr/meta/exif/exif{i}.txt'] = b'-Make\nCanon\n'
+    images['mirflickr/doc/common_tags.txt'] = \
+        'common_a 30\ncommon_b 30\ncafé 20\nedge20 20\nedge19 19\n'.encode('utf-8')
+    for name in MIR_LABELS:
+        ids = [i for i in range(1, K + 1) if name in mir_labels_of(i)]
+        annotations[f'{name}.txt'] = ''.join(f'{i}\n' for i in ids).encode()
+    for name in MIR_R1:   # the _r1 lists would give the unlabelled images a label
+        annotations[f'{name}_r1.txt'] = b'5\n17\n'
+    annotations['README.txt'] = b'MIRFLICKR-25000 annotations v0.80\n'
+    return images, annotations
+
+
+def expected_mir():
+    kept = [i for i in range(1, K + 1) if i not in NO_LABEL and
+            {'common_a', 'common_b', 'edge20', 'café'} & set(mir_tags_of(i))]
+    vocab = ['common_a', 'common_b', 'café', 'edge20']   # most used first, ties by name
+    texts = np.array([[t in mir_tags_of(i) for t in vocab] for i in kept], np.float32)
+    labels = np.array([[name in mir_labels_of(i) for name in MIR_LABELS] for i in kept],
+                      np.uint8)
+    return kept, vocab, texts, labels
+
+
+def write_tree(root, files):
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'wb') as f:
+            f.write(data)
+
+
+def write_zip(path, files):
+    with zipfile.ZipFile(path, 'w') as z:
+        for rel, data in files.items():
+            z.writestr(rel, data)
+
+
+def build(raw, out, dataset='MIRFlickr', **extra):
+    argv = [f'DATASET={dataset}', f'RAW_DIR={str(raw)!r}', f'DATA_DIR={str(out)!r}', 'SIZE=32']
+    argv += [f'{k}={v!r}' for k, v in extra.items()]
+    return prepare.main(argv)
+
+
+@pytest.fixture(scope='module')
+def mir_built(tmp_path_factory):
+    """The same raw MIRFlickr download built twice: unpacked, and as the two zip files."""
+    base = tmp_path_factory.mktemp('mir')
+    images, annotations = mir_files()
+    write_tree(base / 'raw_dirs', images)
+    write_tree(base / 'raw_dirs' / 'mirflickr25k_annotations_v080', annotations)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        build(base / 'raw_dirs', base / 'out_dirs', WORKERS=1)
+    (base / 'printed.txt').write_text(printed.getvalue())
+    os.makedirs(base / 'raw_zips')
+    write_zip(base / 'raw_zips' / 'mirflickr25k.zip', images)
+    write_zip(base / 'raw_zips' / 'mirflickr25k_annotations_v080.zip', annotations)
+    build(base / 'raw_zips', base / 'out_zips', WORKERS=2)
+    return base
+
+
+@pytest.mark.parametrize('variant', ['out_dirs', 'out_zips'])
+def test_mirflickr_from_raw(mir_built, variant):
+    out = mir_built / variant
+    kept, vocab, texts, labels = expected_mir()
+    assert len(kept) == K - 2 - 5            # 2 without a label, 31..39 odd without a tag
+    data = datasets.load(config('MIRFlickr', out), verbose=False)
+    np.testing.assert_array_equal(data.texts, texts)
+    np.testing.assert_array_equal(data.labels, labels)
+    with open(out / 'mirflickr25k-ids.txt') as f:
+        assert [int(line) for line in f] == kept
+    with open(out / 'mirflickr25k-tags.txt', encoding='utf-8') as f:
+        assert [line.split('\t')[0] for line in f] == vocab
+    with open(out / 'mirflickr25k-labels.txt') as f:
+        assert f.read().split() == list(MIR_LABELS)
+    for i in (0, len(kept) - 1):
+        img = datasets.read_image(str(out / 'mirflickr25k-iall.mat'), i)
+        assert img.shape == (32, 32, 3)
+        assert img[:8, :, 0].mean() > 200 and img[:8, :, 2].mean() < 50      # red on top
+        assert img[-8:, :, 2].mean() > 200 and img[-8:, :, 0].mean() < 50    # blue below
+    grey = datasets.read_image(str(out / 'mirflickr25k-iall.mat'), kept.index(3))
+    assert (grey[..., 0] == grey[..., 1]).all()    # grey picture stored as three channels
+
+
+def test_mirflickr_file_versions(mir_built):
+    out = mir_built / 'out_dirs'
+    with open(out / 'mirflickr25k-iall.mat', 'rb') as f:
+        assert f.read(19) == b'MATLAB 7.3 MAT-file'
+    with h5py.File(out / 'mirflickr25k-iall.mat', 'r') as f:
+        assert f['IAll'].shape == (53, 3, 32, 32)
+        assert f['IAll'].attrs['MATLAB_class'] == b'uint8'
+    assert scipy.io.loadmat(out / 'mirflickr25k-yall.mat')['YAll'].shape == (53, 4)
+    assert scipy.io.loadmat(out / 'mirflickr25k-lall.mat')['LAll'].shape == (53, 24)
+
+
+def test_zip_and_unpacked_give_the_same_files(mir_built):
+    a = datasets.load(config('MIRFlickr', mir_built / 'out_dirs'), verbose=False)
+    b = datasets.load(config('MIRFlickr', mir_built / 'out_zips'), verbose=False)
+    np.testing.assert_array_equal(a.texts, b.texts)
+    for i in range(len(a.labels)):
+        np.testing.assert_array_equal(a.images[i], b.images[i])
+
+
+def test_builder_prints_the_counts(mir_built):
+    printed = (mir_built / 'printed.txt').read_text()
+    assert 'MIRFlickr raw: 60 images (expected 25000)' in printed
+    assert '24 labels (expected 24)' in printed
+    assert 'vocabulary: 4 tags used by at least 20 images (expected 1386)' in printed
+    assert 'doc/common_tags.txt lists the same 4 tags' in printed
+    assert '2 images have no label, 5 have none of those tags; 53 pairs kept' in printed
+    assert 'passes the check' in printed
+
+
+def test_built_files_pass_the_check(mir_built, capsys):
+    datasets.check(config('MIRFlickr', mir_built / 'out_dirs'))
+    out = capsys.readouterr().out
+    assert 'passes the check' in out and 'pairs with no label: 0; with no text: 0' in out
+
+
+# ===== NUS-WIDE =====
+
+FREQUENT = ('water', 'sky', 'person', 'clouds', 'animal', 'grass', 'buildings', 'window',
+            'plants', 'lake')
+RARE = ('zebra', 'actor')
+M = 40
+
+
+def nus_files():
+    labels = {c: np.zeros(M, int) for c in FREQUENT + RARE}
+    tags = np.zeros((M, 1000), int)
+    files, listing = {}, []
+    for j in range(M):
+        concept = FREQUENT[j % 10]
+        name = f'{j:04d}_{1000 + j * 37}.jpg'
+        listing.append(f'C:\\ImageData\\Flickr\\{concept}\\{name}')
+        if j == 3:
+            labels['zebra'][j] = 1
+        elif j == 4:
+            labels['actor'][j] = 1
+        else:
+            labels[concept][j] = 1
+            if j % 3 == 0:
+                labels[FREQUENT[(j + 1) % 10]][j] = 1
+        if j not in (6, 7):
+            tags[j, [j * 7 % 1000, 999]] = 1
+        if j == 9:
+            files[f'Flickr/{concept}/{name}'] = b'not a jpeg at all'
+        elif j != 8:
+            files[f'Flickr/{concept}/{name}'] = jpeg(24 + j % 4, 30)
+    files['ImageList/Imagelist.txt'] = '\r\n'.join(listing).encode() + b'\r\n'
+    for c, column in labels.items():
+        files[f'Groundtruth/AllLabels/Labels_{c}.txt'] = \
+            ''.join(f'{v}\n' for v in column).encode()
+    files['NUS_WID_Tags/AllTags1k.txt'] = ''.join(
+        '\t'.join(str(v) for v in row) + '\n' for row in tags).encode()
+    files['NUS_WID_Tags/TagList1k.txt'] = ''.join(f'tag{t}\n' for t in range(1000)).encode()
+    return files, labels, tags
+
+
+def test_nuswide_from_raw(tmp_path, capsys):
+    files, labels, tags = nus_files()
+    write_tree(tmp_path / 'raw', files)
+    build(tmp_path / 'raw', tmp_path / 'out', dataset='NUSWIDE', WORKERS=1)
+    printed = capsys.readouterr().out
+    kept = [j for j in range(M) if j not in (3, 4, 6, 7, 8, 9)]
+    names = sorted(FREQUENT)
+    data = datasets.load(config('NUSWIDE', tmp_path / 'out'), verbose=False)
+    np.testing.assert_array_equal(data.labels, np.stack([labels[c][kept] for c in names], 1))
+    np.testing.assert_array_equal(data.texts, tags[kept])
+    with open(tmp_path / 'out' / 'nus-wide-tc10-ids.txt') as f:
+        assert [int(line.split('\t')[0]) for line in f] == kept
+    with open(tmp_path / 'out' / 'nus-wide-tc10-labels.txt') as f:
+        assert f.read().split() == names
+    with open(tmp_path / 'out' / 'nus-wide-tc10-yall.mat', 'rb') as f:
+        assert f.read(10) == b'MATLAB 7.3'       # YAll is v7.3, as in the DCMH files
+    img = data.images[0]
+    assert img.shape == (32, 32, 3) and img[:8, :, 0].mean() > 200
+    assert 'dropped 1 pairs whose image file is missing' in printed
+    assert 'dropped 1 pairs whose image is not readable' in printed
+    assert 'passes the check' in printed
+
+
+# ===== bad input =====
+
+def run_prepare(argv, capsys):
+    try:
+        code = settings.run_cli(prepare.main, argv)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def test_prepare_errors_are_one_line(tmp_path, capsys):
+    images, annotations = mir_files()
+    write_tree(tmp_path / 'no_annotations', images)
+    bad = dict(annotations)
+    bad['dog.txt'] = b'12\nseven\n'
+    write_tree(tmp_path / 'bad_list', images)
+    write_tree(tmp_path / 'bad_list' / 'ann', bad)
+    cases = [
+        ([f'RAW_DIR={str(tmp_path / "nowhere")!r}'], 'RAW_DIR'),
+        ([f'RAW_DIR={str(tmp_path / "no_annotations")!r}'], 'animals.txt'),
+        ([f'RAW_DIR={str(tmp_path / "bad_list")!r}'], 'dog.txt line 2'),
+        (['COLOUR=1'], 'unknown setting COLOUR'),
+        (['SIZE=1.5'], 'SIZE'),
+    ]
+    for argv, named in cases:
+        code, err = run_prepare(['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path / "o")!r}']
+                                + argv, capsys)
+        assert code == 2 and err.count('\n') == 1 and named in err, (argv, err)

@@ -1,0 +1,239 @@
+"""reproduce.py: the grid (order, resume, errors) with a stand-in train.py, the summary beside
+the paper on made-up results, and (slow) a real 2 x 2 DEMO grid stopped by Ctrl-C and resumed."""
+import csv
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import reproduce
+import settings
+
+
+def fake_results(run_dir, dataset, variant, bits, seed, i2t, t2i, wall=60.0, topk=50):
+    """results.json and timing.json as train.py writes them, with made-up numbers."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / 'results.json').write_text(json.dumps(dict(
+        dataset=dataset, variant=variant, backbone='vgg19', code_len=bits, seed=seed,
+        split_seed=0, topk=topk, epoch=80, map_i2t=i2t, map_t2i=t2i,
+        commit='0123456789abcdef', codes='codes/epoch_080.npz')))
+    (run_dir / 'timing.json').write_text(json.dumps(dict(wall_time_s=wall)))
+
+
+def read_table(md_path):
+    """The summary's Markdown table as a list of dicts keyed by the header."""
+    lines = [l for l in md_path.read_text().splitlines() if l.startswith('|')]
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    return [dict(zip(header, (c.strip() for c in l.strip('|').split('|')))) for l in lines[2:]]
+
+
+# ===== the paper's numbers and the grid =====
+def test_paper_numbers_cover_both_tables():
+    paper = reproduce.PAPER
+    assert paper[('MIRFlickr', 'DJSRH', 16, 'i2t')] == 0.810
+    assert paper[('Wiki', 'DJSRH', 128, 't2i')] == 0.658
+    assert paper[('NUSWIDE', 'DJSRH-2', 128, 't2i')] == 0.581
+    assert paper[('NUSWIDE', 'DJSRH-6', 64, 'i2t')] == 0.786
+    # 3 datasets x 4 bits x 2 + 7 variants x 2 bits x 2, of which DJSRH NUS-WIDE 64/128 overlap
+    assert len(paper) == 24 + 28 - 4
+    assert ('DEMO', 'DJSRH', 32, 'i2t') not in paper
+    assert set(reproduce.PAPER_TABLE1) == set(settings.VARIANTS)
+
+
+def test_grid_cells_default_and_subsets():
+    both = reproduce.grid_cells(['2', '1'], None, None, None, 3)
+    assert len(both) == len(set(both)) == (12 + 14 - 2) * 3  # NUS-WIDE DJSRH 64/128 once
+    assert [c[3] for c in both[:24]] == [0] * 24  # seed 0 of every cell comes first
+    sub = reproduce.grid_cells(['2'], ['MIRFlickr'], None, [16, 64], 3)
+    assert sorted(sub) == [('MIRFlickr', 'DJSRH', b, s) for b in (16, 64) for s in range(3)]
+    demo = reproduce.grid_cells(['demo'], None, None, None, 2)
+    assert sorted(demo) == [('DEMO', 'DJSRH', b, s) for b in (16, 32) for s in (0, 1)]
+
+
+def test_time_left_uses_matching_cells():
+    times = [(('Wiki', 'DJSRH', 16, 0), 10.0), (('NUSWIDE', 'DJSRH', 64, 0), 100.0)]
+    todo = [('Wiki', 'DJSRH', 16, 1), ('NUSWIDE', 'DJSRH', 128, 1), ('MIRFlickr', 'DJSRH', 16, 0)]
+    assert reproduce.time_left(todo, times) == 10 + 100 + 55
+    assert reproduce.time_left(todo, []) is None
+    assert reproduce.format_duration(None) == '?'
+    assert reproduce.format_duration(7200) == '2.0 h'
+
+
+@pytest.mark.parametrize('argv', [['SEED=1'], ['RUN_NAME=x'], ['NOT_A_SETTING=1'],
+                                  ['CODE_LEN="a"'], ['--seeds', '0']])
+def test_user_mistakes_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        settings.run_cli(reproduce.main, ['--dry-run', '--table', 'demo', *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1
+
+
+def test_dry_run_passes_overrides_through(tmp_path, capsys):
+    # KEY=VALUE may come anywhere, even after an option that takes several values.
+    argv = ['--dry-run', '--table', '2', '--datasets', 'Wiki', '--bits', '16', '64',
+            'NUM_EPOCH=3', '--seeds', '1', '--out-dir', str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if 'would run' in l]
+    assert len(lines) == 2
+    assert all('NUM_EPOCH=3' in l and f'OUT_DIR={tmp_path}' in l for l in lines)
+    assert 'RUN_NAME=Wiki_DJSRH_vgg19_16bit_seed0' in lines[0]
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+# ===== the grid with a stand-in train.py (fast) =====
+FAKE_TRAIN = textwrap.dedent('''
+    import json, os, pathlib, sys
+    args = dict(a.split('=', 1) for a in sys.argv[1:])
+    run = pathlib.Path(args['OUT_DIR']) / args['RUN_NAME']
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / 'calls.txt', 'a') as f:
+        f.write(args['RUN_NAME'] + '\\n')
+    if os.environ.get('FAKE_FAIL') == args['RUN_NAME']:
+        sys.exit(3)
+    (run / 'results.json').write_text(json.dumps(dict(
+        dataset=args['DATASET'], variant=args['VARIANT'], backbone='alexnet',
+        code_len=int(args['CODE_LEN']), seed=int(args['SEED']), topk=50,
+        map_i2t=0.5 + int(args['SEED']) / 10, map_t2i=0.4, commit='abc')))
+    (run / 'timing.json').write_text(json.dumps(dict(wall_time_s=1.0)))
+''')
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    script = tmp_path / 'fake_train.py'
+    script.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(reproduce, 'TRAIN_PY', script)
+    return tmp_path / 'runs'
+
+
+def test_grid_resumes_and_skips_finished_cells(fake_train, capsys, monkeypatch):
+    argv = ['--table', 'demo', '--bits', '8', '16', '--seeds', '2', '--out-dir', str(fake_train)]
+    assert reproduce.main(argv + ['--max-cells', '3']) == 0
+    calls = (fake_train / 'calls.txt').read_text().split()
+    assert calls == ['DEMO_DJSRH_alexnet_8bit_seed0', 'DEMO_DJSRH_alexnet_16bit_seed0',
+                     'DEMO_DJSRH_alexnet_8bit_seed1']
+    out = capsys.readouterr().out
+    assert 'about' in out and 'left' in out and '--max-cells' in out
+
+    # A failing cell stops the grid with exit 1; the cell has no results and runs again.
+    monkeypatch.setenv('FAKE_FAIL', 'DEMO_DJSRH_alexnet_16bit_seed1')
+    assert reproduce.main(argv) == 1
+    monkeypatch.delenv('FAKE_FAIL')
+    assert reproduce.main(argv) == 0
+    calls = (fake_train / 'calls.txt').read_text().split()
+    assert calls[3:] == ['DEMO_DJSRH_alexnet_16bit_seed1'] * 2  # never a finished cell again
+    out = capsys.readouterr().out
+    assert out.count('skipped') == 3 + 3 and 'all 4 cells finished' in out
+
+
+def test_finished_cell_with_other_settings_warns(fake_train, capsys):
+    argv = ['--table', 'demo', '--bits', '8', '--seeds', '1', '--out-dir', str(fake_train)]
+    run = fake_train / 'DEMO_DJSRH_alexnet_8bit_seed0'
+    fake_results(run, 'DEMO', 'DJSRH', 8, 0, 0.5, 0.5)
+    cfg = reproduce.cell_config(('DEMO', 'DJSRH', 8, 0), [])
+    (run / 'settings.json').write_text(json.dumps({**vars(cfg), 'NUM_EPOCH': 1, 'NUM_WORKERS': 9}))
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    assert 'skipped' in out and 'other values of NUM_EPOCH than' in out
+    assert not (fake_train / 'calls.txt').exists()
+
+
+# ===== the summary =====
+def test_summary_lists_paper_numbers_beside_ours(tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    mir = {0: (0.80, 0.78), 1: (0.82, 0.79), 2: (0.81, 0.77)}
+    for seed, (i2t, t2i) in mir.items():
+        fake_results(runs / f'MIRFlickr_16_{seed}', 'MIRFlickr', 'DJSRH', 16, seed, i2t, t2i)
+    fake_results(runs / 'deeper' / 'nus', 'NUSWIDE', 'DJSRH-2', 128, 0, 0.70, 0.60, wall=7200)
+    fake_results(runs / 'wiki', 'Wiki', 'DJSRH', 64, 0, 0.41, 0.64, topk=100)
+    assert reproduce.main(['summary', str(runs)]) == 0
+    rows = {(r['dataset'], r['variant'], r['bits'], r['task']): r
+            for r in read_table(runs / 'summary.md')}
+    assert len(rows) == 6
+
+    row = rows[('MIRFlickr', 'DJSRH', '16', 'I->T')]
+    std = statistics.stdev([0.80, 0.82, 0.81])  # sample std, ddof=1
+    assert row['ours: mean ± std (n)'] == f'0.810 ± {std:.3f} (n=3)'
+    assert row['paper'] == '0.810' and row['diff'] == '+0.000'
+    assert row['backbone'] == 'vgg19' and row['commit'] == '0123456789ab'
+    assert row['wall time / run'] == '60 s'
+    assert rows[('MIRFlickr', 'DJSRH', '16', 'T->I')]['paper'] == '0.786'
+
+    nus = rows[('NUSWIDE', 'DJSRH-2', '128', 'T->I')]
+    assert nus['paper'] == '0.581' and nus['diff'] == '+0.019'
+    assert nus['ours: mean ± std (n)'] == '0.600 ± - (n=1)'
+    assert nus['wall time / run'] == '2.0 h'
+    # mAP@100 is not the paper's mAP@50: no paper number beside it
+    assert rows[('Wiki', 'DJSRH', '64', 'I->T')]['paper'] == '-'
+    assert rows[('Wiki', 'DJSRH', '64', 'I->T')]['metric'] == 'mAP@100'
+
+    with open(runs / 'summary.csv') as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6
+    first = table[0]  # Wiki comes first, as in the paper
+    assert first['dataset'] == 'Wiki' and first['paper'] == '' and first['std'] == ''
+    mir_csv = [r for r in table if r['dataset'] == 'MIRFlickr' and r['task'] == 'I->T'][0]
+    assert float(mir_csv['paper']) == 0.810 and float(mir_csv['std']) == pytest.approx(std)
+    assert mir_csv['n'] == '3' and mir_csv['seeds'] == '0 1 2'
+
+
+def test_summary_of_nothing_is_a_user_error(tmp_path):
+    with pytest.raises(settings.UserError, match='no results.json'):
+        reproduce.main(['summary', str(tmp_path)])
+    (tmp_path / 'r').mkdir()
+    (tmp_path / 'r' / 'results.json').write_text('{"dataset": "DEMO"}')
+    with pytest.raises(settings.UserError, match='missing code_len'):
+        reproduce.main(['summary', str(tmp_path)])
+
+
+# ===== end to end on DEMO with the real train.py =====
+REPRODUCE = Path(reproduce.__file__).resolve()
+
+
+@pytest.mark.slow  # four real train.py runs: about 25 s each on a busy 2-core machine
+def test_demo_grid_interrupted_and_resumed(tmp_path):
+    import datasets
+    data, runs = tmp_path / 'demo', tmp_path / 'runs'
+    datasets.make_demo(data, n_pairs=80)
+    # Tiny settings: one epoch of a randomly initialised AlexNet on 64 x 64 crops.
+    cmd = [sys.executable, str(REPRODUCE), '--table', 'demo', '--bits', '8', '16', '--seeds', '2',
+           '--out-dir', str(runs), '--quiet', f'DATA_DIR={data}', 'NUM_EPOCH=1', 'BATCH_SIZE=8',
+           'RESIZE=72', 'CROP=64', 'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64', 'EVAL_UNTRAINED=False']
+    # Ctrl-C (SIGINT to the whole process group) once the first cell has finished.
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not list(runs.glob('*/results.json')):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 130, out
+    finished = list(runs.glob('*/results.json'))
+    assert len(finished) == 1, out
+    stamp = os.stat(finished[0]).st_mtime_ns
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert os.stat(finished[0]).st_mtime_ns == stamp  # the finished cell was not redone
+    assert again.stdout.count('skipped') == 1 and 'all 4 cells finished' in again.stdout
+    assert len(list(runs.glob('*/results.json'))) == 4
+    assert len(list(runs.glob('*/codes/epoch_*.npz'))) >= 4  # every evaluation saves codes
+
+    summary = subprocess.run([sys.executable, str(REPRODUCE), 'summary', str(runs)],
+                             capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    rows = read_table(runs / 'summary.md')
+    assert len(rows) == 2 * 2  # 2 code lengths x 2 directions
+    assert all(re.fullmatch(r'0\.\d{3} ± 0\.\d{3} \(n=2\)', r['ours: mean ± std (n)'])
+               for r in rows)
+    assert all(r['paper'] == '-' and r['dataset'] == 'DEMO' for r in rows)
