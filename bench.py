@@ -172,7 +172,7 @@ def bench_train(cfg, steps=8, epochs=1):
     speeds = []
     start_mem = _memory_start(device)
     for epoch in range(epochs):
-        _, speed = session.train_epoch(epoch)
+        _, speed = session.train(epoch)
         speeds.append(speed)
     out['loop_peak_bytes'] = _memory_peak(device) - start_mem
     out['loop_pairs_per_s'] = statistics.median(speeds)
@@ -189,7 +189,7 @@ def print_train(r):
           f"{r['floor_s']:.3f} s per step over {r['steps']} steps = "
           f"{r['floor_pairs_per_s']:.1f} pairs/s; peak memory +"
           f"{r['floor_peak_bytes'] / mib:.0f} MiB")
-    print(f"train  Session.train_epoch (as metrics.jsonl reports it): median "
+    print(f"train  Session.train (as metrics.jsonl reports it): median "
           f"{r['loop_pairs_per_s']:.1f} pairs/s over {r['epochs']} epoch(s); peak memory +"
           f"{r['loop_peak_bytes'] / mib:.0f} MiB")
     print(f"ratio  {r['ratio']:.1%} of the floor")

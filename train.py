@@ -67,6 +67,9 @@ def epoch_seed(seed, epoch):
 # ===== the session: networks, optimisers, train / eval / save / load =====
 
 class Session:
+    """The authors' Session: the networks and optimisers, with train (one epoch), eval,
+    save and load."""
+
     def __init__(self, cfg, data):
         self.cfg = cfg
         self.data = data
@@ -127,7 +130,7 @@ class Session:
         self.opt_txt.step()
         return loss.detach()
 
-    def train_epoch(self, epoch):
+    def train(self, epoch):
         """One epoch from batch self.step on; returns (mean loss, pairs per second) or None
         when SIGINT asked to stop part-way."""
         cfg = self.cfg
@@ -180,7 +183,7 @@ class Session:
             labels.append(batch_labels)
         return torch.cat(img_codes), torch.cat(txt_codes), torch.cat(labels).to(self.device)
 
-    def evaluate(self):
+    def eval(self):
         """mAP@TOPK both ways; returns (result dict, codes dict of NumPy arrays)."""
         start = time.perf_counter()
         q_img, q_txt, q_lab = self.encode('query')
@@ -231,8 +234,14 @@ class Session:
         self.opt_txt.load_state_dict(state['opt_txt'])
         for key in ('epoch', 'step', 'loss_sum', 'elapsed', 'evals'):
             setattr(self, key, state[key])
-        for key, idx in state['split'].items():
-            setattr(self.data, key, idx.numpy())
+        n_pairs = len(self.data.texts)
+        split = {key: idx.numpy() for key, idx in state['split'].items()}
+        if max(idx.max(initial=-1) for idx in split.values()) >= n_pairs:
+            raise UserError(f"checkpoint {path}: its split indexes pairs beyond the {n_pairs} "
+                            f"of the data in DATA_DIR={self.cfg.DATA_DIR!r}; use the data it "
+                            f"was trained on, or RESUME=False")
+        for key, idx in split.items():
+            setattr(self.data, key, idx)
         self.set_rng_state(state['rng'])
 
 
@@ -357,7 +366,7 @@ class Run:
 
     def evaluate(self, tag=''):
         sess = self.session
-        result, codes = sess.evaluate()
+        result, codes = sess.eval()
         name = f"codes/epoch_{sess.epoch:03d}{tag}.npz"
         atomic_write(os.path.join(self.dir, name), lambda f: np.savez_compressed(f, **codes))
         result['codes'] = name
@@ -386,7 +395,7 @@ class Run:
 
     def fresh_start(self):
         cfg, sess = self.cfg, self.session
-        for name in ('metrics.jsonl', 'results.json'):
+        for name in ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json'):
             if os.path.exists(os.path.join(self.dir, name)):
                 os.remove(os.path.join(self.dir, name))
         write_json(os.path.join(self.dir, 'settings.json'),
@@ -408,7 +417,7 @@ class Run:
         cfg, sess = self.cfg, self.session
         epochs = range(sess.epoch, cfg.NUM_EPOCH)
         for epoch in tqdm(epochs, desc='epochs', disable=not sys.stderr.isatty()):
-            out = sess.train_epoch(epoch)
+            out = sess.train(epoch)
             if out is None:
                 return
             loss, speed = out

@@ -527,11 +527,6 @@ def test_load_generates_demo_on_first_use(tmp_path, capsys, monkeypatch):
 
 # ===== end to end through train.py =====
 
-HAS_TRAIN = os.path.exists(os.path.join(ROOT, 'train.py'))
-
-
-@pytest.mark.slow   # about 10 s each on 2 cores, most of it writing AlexNet checkpoints
-@pytest.mark.skipif(not HAS_TRAIN, reason='train.py is not there yet')
 @pytest.mark.parametrize('dataset', ['MIRFlickr', 'NUSWIDE', 'Wiki'])
 def test_train_end_to_end_on_each_layout(layouts, tmp_path, dataset):
     import json

@@ -188,3 +188,68 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny):
     state = torch.load(base / 'runs' / 'diverged' / 'checkpoint.pt', weights_only=True)
     assert state['epoch'] == 0   # the good starting checkpoint, not a broken one
     assert all(torch.isfinite(v).all() for v in state['img_net'].values())
+
+
+def broken_copy(tiny, tmp_path, name, how):
+    """The tiny dataset with one file spoiled: labels not 0/1, a wrong key, or texts whose
+    count of pairs disagrees with the images and labels."""
+    import shutil
+    import scipy.io
+    base, _ = tiny
+    folder = tmp_path / name
+    shutil.copytree(base / 'demo', folder)
+    yall, lall = folder / 'mirflickr25k-yall.mat', folder / 'mirflickr25k-lall.mat'
+    texts = scipy.io.loadmat(yall)['YAll']
+    labels = scipy.io.loadmat(lall)['LAll']
+    if how == 'labels':
+        labels[0, 0] = 2
+        scipy.io.savemat(lall, {'LAll': labels})
+    elif how == 'key':
+        scipy.io.savemat(yall, {'XAll': texts})
+    elif how == 'count':
+        scipy.io.savemat(yall, {'YAll': texts[:-5]})
+    return folder
+
+
+@pytest.mark.parametrize('case', ['code_len_range', 'batch_range', 'backbone_unknown',
+                                  'dataset_unknown', 'ckpt_code_len', 'ckpt_backbone',
+                                  'pretrained_wrong_net', 'missing_files', 'labels_not_binary',
+                                  'wrong_key', 'counts_disagree'])
+def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, capsys, case):
+    import models
+    import settings
+    import train
+    base, args = tiny
+    run_dir = reference[0]
+    wrong_weights = tmp_path / 'txtnet.pth'
+    torch.save(models.TxtNet(4, 8).state_dict(), wrong_weights)
+    extra, words = {
+        'code_len_range': (['CODE_LEN=0'], ['CODE_LEN=0', 'from 1']),
+        'batch_range': (['BATCH_SIZE=1'], ['BATCH_SIZE=1', 'at least 2']),
+        'backbone_unknown': (["BACKBONE='resnet50'"], ['BACKBONE', 'vgg19']),
+        'dataset_unknown': (["DATASET='CIFAR'"], ['DATASET', 'MIRFlickr']),
+        'ckpt_code_len': (['CODE_LEN=32'], ['different experiment', 'CODE_LEN: 16']),
+        'ckpt_backbone': (["BACKBONE='vgg19'"], ['different experiment', 'BACKBONE']),
+        'pretrained_wrong_net': (['PRETRAINED=True', f"PRETRAINED_PATH={str(wrong_weights)!r}"],
+                                 ['PRETRAINED_PATH', 'alexnet']),
+        'missing_files': (["DATASET='MIRFlickr'", f"DATA_DIR={str(tmp_path)!r}"],
+                          ['mirflickr25k-', 'missing file']),
+        'labels_not_binary': ([f"DATA_DIR={str(broken_copy(tiny, tmp_path, 'l', 'labels'))!r}"]
+                              if case == 'labels_not_binary' else [], ['LAll']),
+        'wrong_key': ([f"DATA_DIR={str(broken_copy(tiny, tmp_path, 'k', 'key'))!r}"]
+                      if case == 'wrong_key' else [], ['YAll']),
+        'counts_disagree': ([f"DATA_DIR={str(broken_copy(tiny, tmp_path, 'c', 'count'))!r}"]
+                            if case == 'counts_disagree' else [], ['mirflickr25k-']),
+    }[case]
+    before = {name: (run_dir / name).read_bytes() for name in ('checkpoint.pt', 'results.json')}
+    argv = args + extra + [f"OUT_DIR={str(base / 'runs')!r}", "RUN_NAME='ref'"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        settings.run_cli(train.main, argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and err.startswith('error: '), err
+    for word in words:
+        assert word in err, err
+    for name, data in before.items():
+        assert (run_dir / name).read_bytes() == data, name
