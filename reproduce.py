@@ -105,11 +105,6 @@ def cell_config(cell, extra):
                             SEED=seed)
 
 
-def run_name(cfg):
-    """train.py's default run name (CONTRACT.md), so both tools find the same directory."""
-    return f"{cfg.DATASET}_{cfg.VARIANT}_{cfg.BACKBONE}_{cfg.CODE_LEN}bit_seed{cfg.SEED}"
-
-
 def train_command(cell, out_dir, name, extra):
     """The train.py command line of one cell."""
     dataset, variant, code_len, seed = cell
@@ -210,12 +205,12 @@ def run_grid(args):
     configs = [cell_config(cell, extra) for cell in cells]  # every mistake before any run
     out_dir = Path(args.out_dir)
     todo = [c for c, cfg in zip(cells, configs)
-            if not (out_dir / run_name(cfg) / 'results.json').exists()]
+            if not (out_dir / settings.default_run_name(cfg) / 'results.json').exists()]
     print(f'{len(cells)} cells, {len(cells) - len(todo)} already finished, '
           f'runs in {out_dir}', flush=True)
     times, ran = [], 0
     for i, (cell, cfg) in enumerate(zip(cells, configs), 1):
-        run_dir = out_dir / run_name(cfg)
+        run_dir = out_dir / settings.default_run_name(cfg)
         tag = f'[{i}/{len(cells)}] {cell_label(cell)}'
         if (run_dir / 'results.json').exists():
             report_skip(tag, run_dir, cfg, cell, times)
@@ -223,7 +218,7 @@ def run_grid(args):
         if args.max_cells is not None and ran >= args.max_cells:
             print(f'stopping after {ran} cells (--max-cells); run again to go on', flush=True)
             return 0
-        cmd = train_command(cell, out_dir, run_name(cfg), extra)
+        cmd = train_command(cell, out_dir, settings.default_run_name(cfg), extra)
         if args.dry_run:
             print(f'{tag}: would run: {" ".join(cmd)}', flush=True)
             continue

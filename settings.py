@@ -6,6 +6,7 @@ the constants here, then the preset of DATASET (PRESETS), then the ablation VARI
 returns a namespace; importing this module reads no file and no command line.
 """
 import ast
+import sys
 import types
 
 # ===== data =====
@@ -170,9 +171,13 @@ def validate(cfg):
          "'', 'cpu' or 'cuda[:N]'")
 
 
+def default_run_name(cfg):
+    """The run directory's name when RUN_NAME is '' (train.py and reproduce.py share it)."""
+    return f"{cfg.DATASET}_{cfg.VARIANT}_{cfg.BACKBONE}_{cfg.CODE_LEN}bit_seed{cfg.SEED}"
+
+
 def run_cli(main, argv):
     """Run main(argv); a UserError becomes one line on stderr and exit status 2."""
-    import sys
     try:
         return main(argv)
     except UserError as err:

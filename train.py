@@ -83,11 +83,11 @@ class Session:
         if self.device.type == 'cuda' and cfg.CHANNELS_LAST:
             self.img_net.to(memory_format=torch.channels_last)
             self.feat_net.to(memory_format=torch.channels_last)
-        # fused=True: one pass over the weights per step, the same update (5x faster on CPU).
         img_params = (self.img_net.parameters() if cfg.TRAIN_ALL_IMG
                       else self.img_net.head_parameters())
         if not cfg.TRAIN_ALL_IMG:  # Wiki: the conv layers never change, so need no gradient
             self.img_net.features.requires_grad_(False)
+        # fused=True: one pass over the weights per step, the same update (5x faster on CPU).
         self.opt_img = torch.optim.SGD(img_params, lr=cfg.LR_IMG, momentum=cfg.MOMENTUM,
                                        weight_decay=cfg.WEIGHT_DECAY, fused=True)
         self.opt_txt = torch.optim.SGD(self.txt_net.parameters(), lr=cfg.LR_TXT,
@@ -325,12 +325,8 @@ def versions():
             'torchvision': torchvision.__version__, 'numpy': np.__version__}
 
 
-def default_run_name(cfg):
-    return f"{cfg.DATASET}_{cfg.VARIANT}_{cfg.BACKBONE}_{cfg.CODE_LEN}bit_seed{cfg.SEED}"
-
-
 def make_run_dir(cfg):
-    path = os.path.join(cfg.OUT_DIR, cfg.RUN_NAME or default_run_name(cfg))
+    path = os.path.join(cfg.OUT_DIR, cfg.RUN_NAME or settings.default_run_name(cfg))
     try:
         os.makedirs(os.path.join(path, 'codes'), exist_ok=True)
         probe = os.path.join(path, f'.write_test{os.getpid()}')
