@@ -228,18 +228,18 @@ class Session:
     def load(self, path):
         state = read_checkpoint(path)
         check_same_experiment(path, state['settings'], vars(self.cfg))
+        split = {key: idx.numpy() for key, idx in state['split'].items()}
+        n_pairs = len(self.data.texts)
+        if max(idx.max(initial=-1) for idx in split.values()) >= n_pairs:
+            raise UserError(f"checkpoint {path}: its split indexes pairs beyond the {n_pairs} "
+                            f"of the data in DATA_DIR={self.cfg.DATA_DIR!r}; use the data it "
+                            f"was trained on, or RESUME=False")
         self.img_net.load_state_dict(state['img_net'])
         self.txt_net.load_state_dict(state['txt_net'])
         self.opt_img.load_state_dict(state['opt_img'])
         self.opt_txt.load_state_dict(state['opt_txt'])
         for key in ('epoch', 'step', 'loss_sum', 'elapsed', 'evals'):
             setattr(self, key, state[key])
-        n_pairs = len(self.data.texts)
-        split = {key: idx.numpy() for key, idx in state['split'].items()}
-        if max(idx.max(initial=-1) for idx in split.values()) >= n_pairs:
-            raise UserError(f"checkpoint {path}: its split indexes pairs beyond the {n_pairs} "
-                            f"of the data in DATA_DIR={self.cfg.DATA_DIR!r}; use the data it "
-                            f"was trained on, or RESUME=False")
         for key, idx in split.items():
             setattr(self.data, key, idx)
         self.set_rng_state(state['rng'])

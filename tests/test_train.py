@@ -211,36 +211,39 @@ def broken_copy(tiny, tmp_path, name, how):
     return folder
 
 
-@pytest.mark.parametrize('case', ['code_len_range', 'batch_range', 'backbone_unknown',
-                                  'dataset_unknown', 'ckpt_code_len', 'ckpt_backbone',
-                                  'pretrained_wrong_net', 'missing_files', 'labels_not_binary',
-                                  'wrong_key', 'counts_disagree'])
+BAD_INPUTS = {  # case -> (extra settings, words the one-line error must hold)
+    'code_len_range': (['CODE_LEN=0'], ['CODE_LEN=0', 'from 1']),
+    'batch_range': (['BATCH_SIZE=1'], ['BATCH_SIZE=1', 'at least 2']),
+    'backbone_unknown': (["BACKBONE='resnet50'"], ['BACKBONE', 'vgg19']),
+    'dataset_unknown': (["DATASET='CIFAR'"], ['DATASET', 'MIRFlickr']),
+    'ckpt_code_len': (['CODE_LEN=32'], ['different experiment', 'CODE_LEN: 16']),
+    'ckpt_backbone': (["BACKBONE='vgg19'"], ['different experiment', 'BACKBONE']),
+    'pretrained_wrong_net': (['PRETRAINED=True'], ['PRETRAINED_PATH', 'alexnet']),
+    'missing_files': (["DATASET='MIRFlickr'"], ['mirflickr25k-', 'missing file']),
+    'labels_not_binary': ([], ['LAll']),
+    'wrong_key': ([], ['YAll']),
+    'counts_disagree': ([], ['mirflickr25k-']),
+}
+BROKEN_FILES = {'labels_not_binary': 'labels', 'wrong_key': 'key', 'counts_disagree': 'count'}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
 def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, capsys, case):
     import models
     import settings
     import train
     base, args = tiny
     run_dir = reference[0]
-    wrong_weights = tmp_path / 'txtnet.pth'
-    torch.save(models.TxtNet(4, 8).state_dict(), wrong_weights)
-    extra, words = {
-        'code_len_range': (['CODE_LEN=0'], ['CODE_LEN=0', 'from 1']),
-        'batch_range': (['BATCH_SIZE=1'], ['BATCH_SIZE=1', 'at least 2']),
-        'backbone_unknown': (["BACKBONE='resnet50'"], ['BACKBONE', 'vgg19']),
-        'dataset_unknown': (["DATASET='CIFAR'"], ['DATASET', 'MIRFlickr']),
-        'ckpt_code_len': (['CODE_LEN=32'], ['different experiment', 'CODE_LEN: 16']),
-        'ckpt_backbone': (["BACKBONE='vgg19'"], ['different experiment', 'BACKBONE']),
-        'pretrained_wrong_net': (['PRETRAINED=True', f"PRETRAINED_PATH={str(wrong_weights)!r}"],
-                                 ['PRETRAINED_PATH', 'alexnet']),
-        'missing_files': (["DATASET='MIRFlickr'", f"DATA_DIR={str(tmp_path)!r}"],
-                          ['mirflickr25k-', 'missing file']),
-        'labels_not_binary': ([f"DATA_DIR={str(broken_copy(tiny, tmp_path, 'l', 'labels'))!r}"]
-                              if case == 'labels_not_binary' else [], ['LAll']),
-        'wrong_key': ([f"DATA_DIR={str(broken_copy(tiny, tmp_path, 'k', 'key'))!r}"]
-                      if case == 'wrong_key' else [], ['YAll']),
-        'counts_disagree': ([f"DATA_DIR={str(broken_copy(tiny, tmp_path, 'c', 'count'))!r}"]
-                            if case == 'counts_disagree' else [], ['mirflickr25k-']),
-    }[case]
+    extra, words = BAD_INPUTS[case]
+    if case == 'pretrained_wrong_net':
+        wrong_weights = tmp_path / 'txtnet.pth'
+        torch.save(models.TxtNet(4, 8).state_dict(), wrong_weights)
+        extra = extra + [f"PRETRAINED_PATH={str(wrong_weights)!r}"]
+    elif case == 'missing_files':
+        extra = extra + [f"DATA_DIR={str(tmp_path)!r}"]
+    elif case in BROKEN_FILES:
+        folder = broken_copy(tiny, tmp_path, case, BROKEN_FILES[case])
+        extra = extra + [f"DATA_DIR={str(folder)!r}"]
     before = {name: (run_dir / name).read_bytes() for name in ('checkpoint.pt', 'results.json')}
     argv = args + extra + [f"OUT_DIR={str(base / 'runs')!r}", "RUN_NAME='ref'"]
     capsys.readouterr()
