@@ -1,6 +1,6 @@
 """The three benchmark datasets, the authors' split, a data check, and the DEMO set.
 
-Reads MIRFlickr-25K, NUS-WIDE (top-10 concepts) and Wiki in the layouts of SPEC section 3:
+Reads MIRFlickr-25K, NUS-WIDE (top-10 concepts) and Wiki in the DCMH layouts:
 
     MIRFlickr  mirflickr25k-iall.mat, mirflickr25k-yall.mat, mirflickr25k-lall.mat
                (keys IAll, YAll, LAll)
@@ -9,7 +9,7 @@ Reads MIRFlickr-25K, NUS-WIDE (top-10 concepts) and Wiki in the layouts of SPEC 
                trainset_txt_img_cat.list, testset_txt_img_cat.list
     DEMO       generated on first use (make_demo), in the MIRFlickr layout
 
-Every .mat file may be MATLAB v7.3 (HDF5, axes reversed) or v5 (scipy); every array is
+Every .mat file may be MATLAB v7.3 or v5 (matfile.py reads both); every array is
 oriented by its number of pairs. Images are read lazily, one HDF5 handle per process.
 
 Check a dataset on disk (exit status 2 and one line per problem):
@@ -19,18 +19,16 @@ Check a dataset on disk (exit status 2 and one line per problem):
 import dataclasses
 import os
 import sys
-import time
 
 import h5py
 import numpy as np
-import scipy.io
-import scipy.sparse
 from PIL import Image, ImageOps
 
+import matfile
 import settings
 from settings import UserError
 
-# ===== file layouts (SPEC section 3) =====
+# ===== file layouts (README, Data) =====
 DCMH_FILES = {  # dataset -> (images, texts, labels) file names; keys IAll, YAll, LAll
     'MIRFlickr': ('mirflickr25k-iall.mat', 'mirflickr25k-yall.mat', 'mirflickr25k-lall.mat'),
     'NUSWIDE': ('nus-wide-tc10-iall.mat', 'nus-wide-tc10-yall.mat', 'nus-wide-tc10-lall.mat'),
@@ -45,7 +43,7 @@ WIKI_CATEGORIES = ('art', 'biology', 'geography', 'history', 'literature', 'medi
 # What the published files hold: pairs, text dimension, labels (a mismatch is only a warning).
 EXPECTED = {'MIRFlickr': (20015, 1386, 24), 'NUSWIDE': (186577, 1000, 10), 'Wiki': (2866, 10, 10)}
 
-# ===== the split protocol (SPEC section 3) =====
+# ===== the split protocol (README, Data) =====
 # dataset -> (first class: query, train; each later class: query, train; totals: query, train)
 PROTOCOLS = {'MIRFlickr': (160, 400, 80, 200, 2000, 5000),
              'NUSWIDE': (200, 500, 200, 500, 2000, 5000)}
@@ -67,8 +65,6 @@ DEMO_COLOURS = ((230, 30, 30), (30, 200, 40), (40, 60, 235), (240, 220, 30),
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MATLAB_CLASSES = {np.dtype(np.uint8): 'uint8', np.dtype(np.float64): 'double',
-                  np.dtype(np.float32): 'single', np.dtype(np.bool_): 'logical'}
 
 
 @dataclasses.dataclass
@@ -83,215 +79,6 @@ class Data:
     database: np.ndarray
     files: list              # (path, description) of every file read
     warnings: list           # legal but suspicious things about the data
-
-
-# ===== reading MATLAB files, v5 or v7.3 =====
-
-@dataclasses.dataclass
-class MatVar:
-    """One variable of a .mat file. shape is in MATLAB's order; for a v7.3 file written by
-    MATLAB, h5py sees the axes reversed (axes_reversed=True)."""
-    path: str
-    key: str
-    version: str
-    shape: tuple
-    mclass: str
-    axes_reversed: bool = False
-
-    def name(self):
-        return f"{self.path} ({self.key})"
-
-
-def one_line(err):
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def need_file(path, what):
-    if not os.path.isfile(path):
-        raise UserError(f"missing file {path}: expected {what}")
-
-
-def describe(path, key):
-    """The variable `key` of the .mat file at `path`, without reading its data."""
-    need_file(path, f"a MATLAB file holding {key}")
-    if h5py.is_hdf5(path):  # v7.3; h5py finds the HDF5 data after MATLAB's 512-byte header
-        try:
-            with h5py.File(path, 'r') as f:
-                if key not in f:
-                    raise UserError(f"{path}: no variable {key!r} (found {sorted(f.keys())}); "
-                                    f"expected {key}")
-                obj = f[key]
-                mclass = obj.attrs.get('MATLAB_class', b'')
-                mclass = mclass.decode() if isinstance(mclass, bytes) else str(mclass)
-                if isinstance(obj, h5py.Group):  # a MATLAB sparse matrix: data, ir, jc
-                    if 'MATLAB_sparse' not in obj.attrs or 'jc' not in obj:
-                        raise UserError(f"{path}: {key} is an HDF5 group, expected an array")
-                    shape = (int(obj.attrs['MATLAB_sparse']), obj['jc'].shape[0] - 1)
-                    return MatVar(path, key, 'v7.3', shape, 'sparse')
-                reverse = bool(mclass)  # MATLAB wrote it: column-major, axes reversed
-                shape = tuple(obj.shape[::-1] if reverse else obj.shape)
-                return MatVar(path, key, 'v7.3', shape, mclass or obj.dtype.name, reverse)
-        except UserError:
-            raise
-        except Exception as err:
-            raise UserError(f"{path}: cannot read this HDF5 (MATLAB v7.3) file, truncated or "
-                            f"corrupt? ({one_line(err)})") from None
-    try:
-        found = scipy.io.whosmat(path)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable MATLAB file, truncated or corrupt? "
-                        f"({one_line(err)})") from None
-    for name, shape, mclass in found:
-        if name == key:
-            return MatVar(path, key, 'v5', tuple(shape), mclass)
-    raise UserError(f"{path}: no variable {key!r} (found {[v[0] for v in found]}); "
-                    f"expected {key}")
-
-
-def read_var(var, dtype=None):
-    """The whole variable as a NumPy array in MATLAB's axis order, cast to dtype."""
-    try:
-        if var.version == 'v5':
-            a = scipy.io.loadmat(var.path, variable_names=[var.key])[var.key]
-            a = a.toarray() if scipy.sparse.issparse(a) else a
-            return np.asarray(a, dtype=dtype)
-        with h5py.File(var.path, 'r') as f:
-            obj = f[var.key]
-            if isinstance(obj, h5py.Group):
-                a = scipy.sparse.csc_matrix((obj['data'][()], obj['ir'][()], obj['jc'][()]),
-                                            shape=var.shape).toarray()
-                return np.asarray(a, dtype=dtype)
-            return read_h5(obj, var.axes_reversed, dtype)
-    except Exception as err:
-        raise UserError(f"{var.name()}: cannot read the data, truncated or corrupt? "
-                        f"({one_line(err)})") from None
-
-
-def read_h5(ds, reverse, dtype):
-    """Read an HDF5 dataset in blocks of ~64 MB, casting as it goes, so that a float64
-    matrix (NUS-WIDE's 1.5 GB YAll) never sits in memory twice."""
-    dtype = np.dtype(dtype or ds.dtype)
-    shape = ds.shape[::-1] if reverse else ds.shape
-    out = np.empty(shape, dtype)
-    if ds.size == 0:
-        return out
-    row = max(1, ds.size // ds.shape[0]) * ds.dtype.itemsize
-    step = max(1, (64 << 20) // row)
-    for a in range(0, ds.shape[0], step):
-        block = ds[a:a + step]
-        if reverse:  # h5 axis 0 is MATLAB's last axis
-            out[..., a:a + step] = np.transpose(block)
-        else:
-            out[a:a + step] = block
-    return out
-
-
-def orient(a, n, var):
-    """A 2-D matrix with its pairs axis first (files come either way round)."""
-    if a.ndim != 2:
-        raise UserError(f"{var.name()}: expected a 2-D matrix, found shape {a.shape}")
-    if a.shape[0] == n:
-        return a
-    if a.shape[1] == n:
-        return a.T
-    raise UserError(f"{var.name()}: shape {a.shape} has no axis of {n} pairs")
-
-
-# ===== writing MATLAB files (make_demo, prepare.py) =====
-
-def mat73_header():
-    """The 512-byte header MATLAB puts before the HDF5 data of a v7.3 file (the userblock):
-    116 bytes of text, 8 of subsystem offset, version 0x0200 and the endian mark 'IM'."""
-    text = (f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: "
-            f"{time.strftime('%a %b %d %H:%M:%S %Y')} HDF5 schema 1.00 .").encode()
-    return text.ljust(116, b' ') + b' ' * 8 + b'\x00\x02IM' + b'\x00' * 384
-
-
-def open_mat73(path):
-    """A new v7.3 file: h5py with a 512-byte userblock; call finish_mat73 after closing."""
-    return h5py.File(path, 'w', userblock_size=512)
-
-
-def add_mat73(f, key, shape, dtype, chunks=None, compression=None, growable=False):
-    """A dataset for a MATLAB array of `shape` (MATLAB order): stored with the axes reversed,
-    as MATLAB stores its column-major arrays, and tagged with its MATLAB class. growable:
-    the last MATLAB axis (the pairs) can be resized later."""
-    dtype = np.dtype(dtype)
-    shape = tuple(shape)[::-1]
-    maxshape = (None,) + shape[1:] if growable else None
-    ds = f.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks,
-                          compression=compression, maxshape=maxshape)
-    ds.attrs['MATLAB_class'] = np.bytes_(MATLAB_CLASSES[dtype])
-    return ds
-
-
-def finish_mat73(path):
-    with open(path, 'r+b') as fh:
-        fh.write(mat73_header())
-
-
-def write_mat73(path, arrays):
-    """Write {key: array} as MATLAB -v7.3 would (arrays given in MATLAB's axis order)."""
-    with open_mat73(path) as f:
-        for key, a in arrays.items():
-            chunks = (1,) + a.shape[::-1][1:] if a.ndim == 4 else None  # one image a chunk
-            add_mat73(f, key, a.shape, a.dtype, chunks)[...] = np.transpose(a)
-    finish_mat73(path)
-
-
-def write_mat5(path, arrays):
-    scipy.io.savemat(path, arrays, do_compression=True)
-
-
-# ===== images =====
-
-class ImageLayout:
-    """Where the pairs axis and the height, width and colour axes of an IAll array are.
-
-    Works in MATLAB's order (H x W x 3 x N for DCMH files), then maps to the order in which
-    the data is stored: h5py sees a MATLAB-written array with its axes reversed, so one
-    image comes back as (3, W, H) and is transposed (2, 1, 0) to (H, W, 3)."""
-
-    def __init__(self, var, n=None):
-        shape = var.shape
-        if len(shape) != 4:
-            raise UserError(f"{var.name()}: expected a 4-D image array (H x W x 3 x pairs), "
-                            f"found shape {shape}")
-        if n is None:  # MATLAB puts the pairs last; (N, H, W, 3) from NumPy puts them first
-            n = shape[3] if shape[3] != 3 else shape[0]
-        if shape[3] == n:
-            n_axis = 3
-        elif shape[0] == n:
-            n_axis = 0
-        else:
-            raise UserError(f"{var.name()}: shape {shape} has no axis of {n} pairs "
-                            f"(first or last)")
-        rest = [a for a in range(4) if a != n_axis]
-        if shape[rest[2]] == 3:
-            hwc = rest
-        elif shape[rest[0]] == 3:
-            hwc = [rest[1], rest[2], rest[0]]
-        else:
-            raise UserError(f"{var.name()}: shape {shape} has no axis of 3 colour channels")
-        self.n, self.height, self.width = shape[n_axis], shape[hwc[0]], shape[hwc[1]]
-        # Storage axes: MATLAB axis a is stored at 3 - a when reversed.
-        store = (lambda a: 3 - a) if var.axes_reversed else (lambda a: a)
-        self.n_axis = store(n_axis)
-        kept = sorted(store(a) for a in rest)
-        self.perm = [kept.index(store(a)) for a in hwc]
-
-    def image(self, ds, i):
-        index = [slice(None)] * 4
-        index[self.n_axis] = i
-        return np.transpose(ds[tuple(index)], self.perm)
-
-    def block(self, ds, a, b):
-        """Images a..b-1 as (b - a, H, W, 3)."""
-        index = [slice(None)] * 4
-        index[self.n_axis] = slice(a, b)
-        x = np.moveaxis(ds[tuple(index)], self.n_axis, 0)
-        return np.transpose(x, [0] + [p + 1 for p in self.perm])
 
 
 class H5Images:
@@ -313,9 +100,9 @@ class H5Images:
     def __getitem__(self, i):
         try:
             return self.layout.image(self._dataset(), int(i))
-        except Exception as err:
+        except matfile.READ_ERRORS as err:
             raise UserError(f"{self.path}: cannot read image {i} of {self.key} "
-                            f"({one_line(err)})") from None
+                            f"({matfile.one_line(err)})") from err
 
     def pil(self, i):
         return Image.fromarray(self[i])
@@ -362,8 +149,8 @@ class FileImages:
             with Image.open(path) as img:
                 # EXIF orientation applied, as the authors' cv2.imread does; grey -> RGB.
                 return ImageOps.exif_transpose(img).convert('RGB')
-        except Exception as err:
-            raise UserError(f"{path}: not a readable image ({one_line(err)})") from None
+        except matfile.READ_ERRORS as err:
+            raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
 
     def __getitem__(self, i):
         return np.asarray(self.pil(i))
@@ -371,10 +158,10 @@ class FileImages:
 
 def read_image(iall_path, index, key='IAll'):
     """The index-th image of a DCMH IAll file (v5 or v7.3) as (H, W, 3) uint8, upright."""
-    var = describe(iall_path, key)
-    layout = ImageLayout(var)
+    var = matfile.describe(iall_path, key)
+    layout = matfile.ImageLayout(var)
     if var.version == 'v5':
-        return layout.image(read_var(var), index)
+        return layout.image(matfile.read_var(var), index)
     with h5py.File(iall_path, 'r') as f:
         return layout.image(f[key], index)
 
@@ -386,7 +173,8 @@ def image_source(var, layout, in_memory):
     if var.mclass != 'uint8':
         raise UserError(f"{var.name()}: images are {var.mclass}, expected uint8")
     if var.version == 'v5':
-        return ArrayImages(np.ascontiguousarray(layout.block(read_var(var), 0, n)), var.path)
+        array = layout.block(matfile.read_var(var), 0, n)
+        return ArrayImages(np.ascontiguousarray(array), var.path)
     if not in_memory:
         return H5Images(var, layout)
     size = n * layout.height * layout.width * 3
@@ -399,8 +187,8 @@ def image_source(var, layout, in_memory):
             step = max(1, (256 << 20) // (size // n))
             for a in range(0, n, step):
                 out[a:a + step] = layout.block(f[var.key], a, min(n, a + step))
-    except Exception as err:
-        raise UserError(f"{var.name()}: cannot read the images ({one_line(err)})") from None
+    except matfile.READ_ERRORS as err:
+        raise UserError(f"{var.name()}: cannot read the images ({matfile.one_line(err)})") from err
     return ArrayImages(out, var.path)
 
 
@@ -459,17 +247,17 @@ def dcmh_paths(dataset, data_dir):
 def load_dcmh(dataset, data_dir, in_memory=False):
     """MIRFlickr, NUS-WIDE or DEMO: IAll, YAll, LAll in three files, any version each."""
     iall_path, yall_path, lall_path = dcmh_paths(dataset, data_dir)
-    ivar = describe(iall_path, 'IAll')
-    yvar = describe(yall_path, 'YAll')
-    lvar = describe(lall_path, 'LAll')
+    ivar = matfile.describe(iall_path, 'IAll')
+    yvar = matfile.describe(yall_path, 'YAll')
+    lvar = matfile.describe(lall_path, 'LAll')
     for var, what in ((yvar, 'pairs x tags'), (lvar, 'pairs x labels')):
         if len(var.shape) != 2:
             raise UserError(f"{var.name()}: expected a 2-D {what} matrix, found shape "
                             f"{var.shape}")
     n = pair_count(ivar, yvar, lvar)
-    labels = check_labels(orient(read_var(lvar), n, lvar), lvar)
-    texts = check_texts(orient(read_var(yvar, np.float32), n, yvar), yvar)
-    layout = ImageLayout(ivar, n)
+    labels = check_labels(matfile.orient(matfile.read_var(lvar), n, lvar), lvar)
+    texts = check_texts(matfile.orient(matfile.read_var(yvar, np.float32), n, yvar), yvar)
+    layout = matfile.ImageLayout(ivar, n)
     images = image_source(ivar, layout, in_memory)
     files = [(ivar.path, f"IAll {ivar.version:4}  {n} images of {layout.height} x "
                          f"{layout.width} x 3 {ivar.mclass}"),
@@ -518,7 +306,7 @@ def check_texts(texts, var):
 
 def read_wiki_list(path, n_categories=len(WIKI_CATEGORIES)):
     """(image names, 0-based categories) from a list file: text id, image name, category."""
-    need_file(path, "one pair a line: text id, image name, category number (1-based)")
+    matfile.need_file(path, "one pair a line: text id, image name, category number (1-based)")
     names, cats = [], []
     with open(path, 'rb') as f:
         for number, raw in enumerate(f, 1):
@@ -540,14 +328,15 @@ def load_wiki(data_dir):
     parts = []
     for list_name, key in zip(WIKI_LISTS, ('T_tr', 'T_te')):
         names, cats = read_wiki_list(os.path.join(data_dir, list_name))
-        var = describe(os.path.join(data_dir, WIKI_FEATURES), key)
+        var = matfile.describe(os.path.join(data_dir, WIKI_FEATURES), key)
         if len(var.shape) != 2:
             raise UserError(f"{var.name()}: expected a 2-D pairs x topics matrix, found shape "
                             f"{var.shape}")
         if len(names) not in var.shape:
             raise UserError(f"pair counts disagree: {list_name} lists {len(names)} pairs, "
                             f"{var.name()} is {fmt_shape(var.shape)}")
-        texts = check_texts(orient(read_var(var, np.float32), len(names), var), var)
+        texts = matfile.orient(matfile.read_var(var, np.float32), len(names), var)
+        texts = check_texts(texts, var)
         parts.append((names, cats, texts, var))
     names = parts[0][0] + parts[1][0]
     cats = np.concatenate([parts[0][1], parts[1][1]])
@@ -560,7 +349,7 @@ def load_wiki(data_dir):
     paths = [os.path.join(data_dir, WIKI_IMAGES, WIKI_CATEGORIES[c], name + '.jpg')
              for name, c in zip(names, cats)]
     for path in paths:  # a missing image is named now, not in a worker mid-epoch
-        need_file(path, "the image named in the list files")
+        matfile.need_file(path, "the image named in the list files")
     n_train = len(parts[0][0])
     train = np.arange(n_train, dtype=np.int64)
     query = np.arange(n_train, len(names), dtype=np.int64)
@@ -760,9 +549,10 @@ def make_demo(data_dir, n_pairs=DEMO_PAIRS, seed=0):
     os.makedirs(data_dir, exist_ok=True)
     iall, yall, lall = (os.path.join(data_dir, name) for name in DCMH_FILES['DEMO'])
     # Write under temporary names and rename, so an interrupted run leaves no half file.
-    write_mat73(iall + '.tmp', {'IAll': np.ascontiguousarray(images.transpose(1, 2, 3, 0))})
-    write_mat5(yall + '.tmp', {'YAll': texts.astype(np.float64)})
-    write_mat5(lall + '.tmp', {'LAll': labels.astype(np.float64)})
+    iall_matlab = np.ascontiguousarray(images.transpose(1, 2, 3, 0))  # H x W x 3 x N
+    matfile.write_mat73(iall + '.tmp', {'IAll': iall_matlab})
+    matfile.write_mat5(yall + '.tmp', {'YAll': texts.astype(np.float64)})
+    matfile.write_mat5(lall + '.tmp', {'LAll': labels.astype(np.float64)})
     for path in (iall, yall, lall):
         os.replace(path + '.tmp', path)
 

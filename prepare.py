@@ -1,4 +1,4 @@
-"""Build the DCMH-style files (SPEC section 3) from the raw public downloads.
+"""Build the DCMH-style files (README, Data) from the raw public downloads.
 
     python prepare.py DATASET=MIRFlickr RAW_DIR=downloads/mirflickr DATA_DIR=data/mirflickr
     python prepare.py DATASET=NUSWIDE RAW_DIR=downloads/nuswide DATA_DIR=data/nuswide
@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 import datasets
+import matfile
 import settings
 from settings import UserError
 
@@ -96,7 +97,7 @@ class RawTree:
                     return f.read()
             return self.zips[archive].read(name)
         except Exception as err:
-            raise UserError(f"{self.where(rel)}: cannot be read ({datasets.one_line(err)})") \
+            raise UserError(f"{self.where(rel)}: cannot be read ({matfile.one_line(err)})") \
                 from None
 
     def where(self, rel):
@@ -147,8 +148,8 @@ def write_images(path, tree, rels, size, workers):
     todo = [j for j, rel in enumerate(rels) if rel is not None]
     tmp = path + '.tmp'
     n = 0
-    with Workers(workers) as mapper, datasets.open_mat73(tmp) as f:  # fork before opening
-        ds = datasets.add_mat73(f, 'IAll', (size, size, 3, len(rels)), np.uint8,
+    with Workers(workers) as mapper, matfile.open_mat73(tmp) as f:  # fork before opening
+        ds = matfile.add_mat73(f, 'IAll', (size, size, 3, len(rels)), np.uint8,
                                 chunks=(1, 3, size, size), growable=True)
         # a block at a time, so that the raw bytes waiting for a worker stay few
         for start in range(0, len(todo), IMAGE_BLOCK):
@@ -160,7 +161,7 @@ def write_images(path, tree, rels, size, workers):
                     ok[j], n = True, n + 1
             print(f"  {n} images written", flush=True)
         ds.resize(n, axis=0)
-    datasets.finish_mat73(tmp)
+    matfile.finish_mat73(tmp)
     os.replace(tmp, path)
     return ok
 
@@ -302,14 +303,14 @@ def write_dcmh(cfg, dataset, tree, rels, texts, labels, yall_v73):
     texts, labels = texts[ok].astype(np.float64), labels[ok].astype(np.float64)
     if yall_v73:  # NUS-WIDE's YAll is v7.3 in the DCMH files (1.5 GB of doubles)
         tmp = yall + '.tmp'
-        with datasets.open_mat73(tmp) as f:
-            datasets.add_mat73(f, 'YAll', texts.shape, np.float64, chunks=True,
+        with matfile.open_mat73(tmp) as f:
+            matfile.add_mat73(f, 'YAll', texts.shape, np.float64, chunks=True,
                                compression='gzip')[...] = texts.T
-        datasets.finish_mat73(tmp)
+        matfile.finish_mat73(tmp)
         os.replace(tmp, yall)
     else:
-        datasets.write_mat5(yall, {'YAll': texts})
-    datasets.write_mat5(lall, {'LAll': labels})
+        matfile.write_mat5(yall, {'YAll': texts})
+    matfile.write_mat5(lall, {'LAll': labels})
     print(f"  wrote {yall} ({texts.shape[0]} x {texts.shape[1]}) and {lall} "
           f"({labels.shape[0]} x {labels.shape[1]})")
     return iall[:-len('-iall.mat')], ok

@@ -75,10 +75,6 @@ TABLES = {
 # The grid sets these itself, one value per cell; a KEY=VALUE for them would be ambiguous.
 GRID_KEYS = ('DATASET', 'VARIANT', 'CODE_LEN', 'SEED', 'OUT_DIR', 'RUN_NAME')
 TRAIN_PY = Path(__file__).resolve().parent / 'train.py'
-# Settings that do not change a run's numbers: a finished cell made with other values of
-# these is still the same cell.
-HARMLESS_KEYS = {'DATA_DIR', 'OUT_DIR', 'RUN_NAME', 'NUM_WORKERS', 'DEVICE', 'RESUME', 'EVAL',
-                 'EVAL_BATCH_SIZE', 'IN_MEMORY', 'PRETRAINED_PATH'}
 
 
 def grid_cells(tables, datasets, variants, bits, seeds):
@@ -120,7 +116,7 @@ def changed_settings(run_dir, cfg):
         return []
     saved = json.loads(path.read_text())
     return sorted(k for k, v in vars(cfg).items()
-                  if k not in HARMLESS_KEYS and k in saved and saved[k] != v)
+                  if k not in settings.RUN_CONTROL and k in saved and saved[k] != v)
 
 
 # ===== time estimates =====

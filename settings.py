@@ -58,7 +58,7 @@ BF16 = False             # CUDA only: bf16 autocast for the CNN forwards (S and 
 TF32 = False             # CUDA only: allow TF32 matmuls and convolutions
 CHANNELS_LAST = True     # CUDA only: channels_last memory format for the CNNs
 
-# Per-dataset hyperparameters of the authors' code (SPEC section 2).
+# Per-dataset hyperparameters of the authors' code (their per-dataset settings blocks).
 PRESETS = {
     'MIRFlickr': dict(DATA_DIR='data/mirflickr', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
                       NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
@@ -90,6 +90,17 @@ VARIANTS = {
 
 BACKBONES = ('vgg19', 'alexnet')
 
+# Settings that say where or how fast a run goes, not what it computes (BF16 and TF32 change
+# rounding only): a checkpoint may be resumed, and a finished grid cell reused, with other
+# values of these.
+RUN_CONTROL = frozenset({
+    'EVAL', 'RESUME', 'DATA_DIR', 'OUT_DIR', 'RUN_NAME', 'NUM_WORKERS', 'IN_MEMORY',
+    'EVAL_BATCH_SIZE', 'DEVICE', 'DETERMINISTIC', 'PRETRAINED_PATH', 'BF16', 'TF32',
+    'CHANNELS_LAST'})
+# The schedule may change on resume too (train longer, evaluate more often), but a finished
+# run made with another schedule holds other numbers.
+SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
+
 
 class UserError(Exception):
     """A mistake in the user's settings or files: reported as one line, no traceback."""
@@ -98,7 +109,7 @@ class UserError(Exception):
 def defaults():
     """The constants of this module as a dict (UPPER_CASE names only)."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES')}
+            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE')}
 
 
 def parse_overrides(argv):

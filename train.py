@@ -27,12 +27,6 @@ import models
 import settings
 from settings import UserError
 
-# Settings that may change between a checkpoint and its resume: they change where or how
-# fast the run goes, not what it computes.
-RUN_CONTROL = {'EVAL', 'RESUME', 'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED', 'DATA_DIR',
-               'OUT_DIR', 'RUN_NAME', 'NUM_WORKERS', 'IN_MEMORY', 'EVAL_BATCH_SIZE', 'DEVICE',
-               'DETERMINISTIC', 'PRETRAINED_PATH', 'BF16', 'TF32', 'CHANNELS_LAST'}
-
 
 # ===== the method (paper section 3) =====
 
@@ -300,7 +294,8 @@ def read_checkpoint(path):
 def check_same_experiment(path, saved, current):
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
              for k in sorted(set(saved) | set(current))
-             if k not in RUN_CONTROL and saved.get(k) != current.get(k)]
+             if k not in settings.RUN_CONTROL | settings.SCHEDULE
+             and saved.get(k) != current.get(k)]
     if diffs:
         raise UserError(f"checkpoint {path} is from a different experiment ({'; '.join(diffs)}); "
                         f"use another RUN_NAME, or RESUME=False to start over")

@@ -1,5 +1,5 @@
 """Shared test helpers: small datasets written in each real layout, independently of the
-code under test (the MATLAB v7.3 writer here is our own, not datasets.write_mat73)."""
+code under test (the MATLAB v7.3 writer here is our own, not matfile.write_mat73)."""
 import os
 import time
 

@@ -1,0 +1,237 @@
+"""MATLAB .mat files, v5 or v7.3, as the DCMH data files come: read, write, orient.
+
+A v7.3 file is HDF5 behind a 512-byte header. MATLAB stores its column-major arrays with
+the axes reversed, so h5py sees an H x W x 3 x N image array as (N, 3, W, H); v5 files are
+read by scipy in MATLAB's own order. `describe` looks at a variable without reading it,
+`read_var` reads it, `ImageLayout` finds the pairs, height, width and colour axes of an
+image array, and the writers produce files that MATLAB (and the readers here) accept.
+"""
+import dataclasses
+import os
+import time
+import zlib
+
+import h5py
+import numpy as np
+import scipy.io
+import scipy.io.matlab
+import scipy.sparse
+
+from settings import UserError
+
+MATLAB_CLASSES = {np.dtype(np.uint8): 'uint8', np.dtype(np.float64): 'double',
+                  np.dtype(np.float32): 'single', np.dtype(np.bool_): 'logical'}
+
+# What a truncated, corrupt or foreign file makes h5py and scipy raise. Anything else is a
+# bug of ours and keeps its traceback.
+READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zlib.error,
+               scipy.io.matlab.MatReadError)
+
+
+# ===== reading =====
+
+@dataclasses.dataclass
+class MatVar:
+    """One variable of a .mat file. shape is in MATLAB's order; for a v7.3 file written by
+    MATLAB, h5py sees the axes reversed (axes_reversed=True)."""
+    path: str
+    key: str
+    version: str
+    shape: tuple
+    mclass: str
+    axes_reversed: bool = False
+
+    def name(self):
+        return f"{self.path} ({self.key})"
+
+
+def one_line(err):
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def need_file(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"missing file {path}: expected {what}")
+
+
+def describe(path, key):
+    """The variable `key` of the .mat file at `path`, without reading its data."""
+    need_file(path, f"a MATLAB file holding {key}")
+    if h5py.is_hdf5(path):  # v7.3; h5py finds the HDF5 data after MATLAB's 512-byte header
+        try:
+            with h5py.File(path, 'r') as f:
+                if key not in f:
+                    raise UserError(f"{path}: no variable {key!r} (found {sorted(f.keys())}); "
+                                    f"expected {key}")
+                obj = f[key]
+                mclass = obj.attrs.get('MATLAB_class', b'')
+                mclass = mclass.decode() if isinstance(mclass, bytes) else str(mclass)
+                if isinstance(obj, h5py.Group):  # a MATLAB sparse matrix: data, ir, jc
+                    if 'MATLAB_sparse' not in obj.attrs or 'jc' not in obj:
+                        raise UserError(f"{path}: {key} is an HDF5 group, expected an array")
+                    shape = (int(obj.attrs['MATLAB_sparse']), obj['jc'].shape[0] - 1)
+                    return MatVar(path, key, 'v7.3', shape, 'sparse')
+                reverse = bool(mclass)  # MATLAB wrote it: column-major, axes reversed
+                shape = tuple(obj.shape[::-1] if reverse else obj.shape)
+                return MatVar(path, key, 'v7.3', shape, mclass or obj.dtype.name, reverse)
+        except UserError:
+            raise
+        except READ_ERRORS as err:
+            raise UserError(f"{path}: cannot read this HDF5 (MATLAB v7.3) file, truncated or "
+                            f"corrupt? ({one_line(err)})") from err
+    try:
+        found = scipy.io.whosmat(path)
+    except READ_ERRORS as err:
+        raise UserError(f"{path}: not a readable MATLAB file, truncated or corrupt? "
+                        f"({one_line(err)})") from err
+    for name, shape, mclass in found:
+        if name == key:
+            return MatVar(path, key, 'v5', tuple(shape), mclass)
+    raise UserError(f"{path}: no variable {key!r} (found {[v[0] for v in found]}); "
+                    f"expected {key}")
+
+
+def read_var(var, dtype=None):
+    """The whole variable as a NumPy array in MATLAB's axis order, cast to dtype."""
+    try:
+        if var.version == 'v5':
+            a = scipy.io.loadmat(var.path, variable_names=[var.key])[var.key]
+            a = a.toarray() if scipy.sparse.issparse(a) else a
+            return np.asarray(a, dtype=dtype)
+        with h5py.File(var.path, 'r') as f:
+            obj = f[var.key]
+            if isinstance(obj, h5py.Group):
+                a = scipy.sparse.csc_matrix((obj['data'][()], obj['ir'][()], obj['jc'][()]),
+                                            shape=var.shape).toarray()
+                return np.asarray(a, dtype=dtype)
+            return read_h5(obj, var.axes_reversed, dtype)
+    except READ_ERRORS as err:
+        raise UserError(f"{var.name()}: cannot read the data, truncated or corrupt? "
+                        f"({one_line(err)})") from err
+
+
+def read_h5(ds, reverse, dtype):
+    """Read an HDF5 dataset in blocks of ~64 MB, casting as it goes, so that a float64
+    matrix (NUS-WIDE's 1.5 GB YAll) never sits in memory twice."""
+    dtype = np.dtype(dtype or ds.dtype)
+    shape = ds.shape[::-1] if reverse else ds.shape
+    out = np.empty(shape, dtype)
+    if ds.size == 0:
+        return out
+    row = max(1, ds.size // ds.shape[0]) * ds.dtype.itemsize
+    step = max(1, (64 << 20) // row)
+    for a in range(0, ds.shape[0], step):
+        block = ds[a:a + step]
+        if reverse:  # h5 axis 0 is MATLAB's last axis
+            out[..., a:a + step] = np.transpose(block)
+        else:
+            out[a:a + step] = block
+    return out
+
+
+def orient(a, n, var):
+    """A 2-D matrix with its pairs axis first (files come either way round)."""
+    if a.ndim != 2:
+        raise UserError(f"{var.name()}: expected a 2-D matrix, found shape {a.shape}")
+    if a.shape[0] == n:
+        return a
+    if a.shape[1] == n:
+        return a.T
+    raise UserError(f"{var.name()}: shape {a.shape} has no axis of {n} pairs")
+
+
+# ===== writing (make_demo, prepare.py) =====
+
+def mat73_header():
+    """The 512-byte header MATLAB puts before the HDF5 data of a v7.3 file (the userblock):
+    116 bytes of text, 8 of subsystem offset, version 0x0200 and the endian mark 'IM'."""
+    text = (f"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: "
+            f"{time.strftime('%a %b %d %H:%M:%S %Y')} HDF5 schema 1.00 .").encode()
+    return text.ljust(116, b' ') + b' ' * 8 + b'\x00\x02IM' + b'\x00' * 384
+
+
+def open_mat73(path):
+    """A new v7.3 file: h5py with a 512-byte userblock; call finish_mat73 after closing."""
+    return h5py.File(path, 'w', userblock_size=512)
+
+
+def add_mat73(f, key, shape, dtype, chunks=None, compression=None, growable=False):
+    """A dataset for a MATLAB array of `shape` (MATLAB order): stored with the axes reversed,
+    as MATLAB stores its column-major arrays, and tagged with its MATLAB class. growable:
+    the last MATLAB axis (the pairs) can be resized later."""
+    dtype = np.dtype(dtype)
+    shape = tuple(shape)[::-1]
+    maxshape = (None,) + shape[1:] if growable else None
+    ds = f.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks,
+                          compression=compression, maxshape=maxshape)
+    ds.attrs['MATLAB_class'] = np.bytes_(MATLAB_CLASSES[dtype])
+    return ds
+
+
+def finish_mat73(path):
+    with open(path, 'r+b') as fh:
+        fh.write(mat73_header())
+
+
+def write_mat73(path, arrays):
+    """Write {key: array} as MATLAB -v7.3 would (arrays given in MATLAB's axis order)."""
+    with open_mat73(path) as f:
+        for key, a in arrays.items():
+            chunks = (1,) + a.shape[::-1][1:] if a.ndim == 4 else None  # one image a chunk
+            add_mat73(f, key, a.shape, a.dtype, chunks)[...] = np.transpose(a)
+    finish_mat73(path)
+
+
+def write_mat5(path, arrays):
+    scipy.io.savemat(path, arrays, do_compression=True)
+
+
+# ===== image arrays =====
+
+class ImageLayout:
+    """Where the pairs axis and the height, width and colour axes of an IAll array are.
+
+    Works in MATLAB's order (H x W x 3 x N for DCMH files), then maps to the order in which
+    the data is stored: h5py sees a MATLAB-written array with its axes reversed, so one
+    image comes back as (3, W, H) and is transposed (2, 1, 0) to (H, W, 3)."""
+
+    def __init__(self, var, n=None):
+        shape = var.shape
+        if len(shape) != 4:
+            raise UserError(f"{var.name()}: expected a 4-D image array (H x W x 3 x pairs), "
+                            f"found shape {shape}")
+        if n is None:  # MATLAB puts the pairs last; (N, H, W, 3) from NumPy puts them first
+            n = shape[3] if shape[3] != 3 else shape[0]
+        if shape[3] == n:
+            n_axis = 3
+        elif shape[0] == n:
+            n_axis = 0
+        else:
+            raise UserError(f"{var.name()}: shape {shape} has no axis of {n} pairs "
+                            f"(first or last)")
+        rest = [a for a in range(4) if a != n_axis]
+        if shape[rest[2]] == 3:
+            hwc = rest
+        elif shape[rest[0]] == 3:
+            hwc = [rest[1], rest[2], rest[0]]
+        else:
+            raise UserError(f"{var.name()}: shape {shape} has no axis of 3 colour channels")
+        self.n, self.height, self.width = shape[n_axis], shape[hwc[0]], shape[hwc[1]]
+        # Storage axes: MATLAB axis a is stored at 3 - a when reversed.
+        store = (lambda a: 3 - a) if var.axes_reversed else (lambda a: a)
+        self.n_axis = store(n_axis)
+        kept = sorted(store(a) for a in rest)
+        self.perm = [kept.index(store(a)) for a in hwc]
+
+    def image(self, ds, i):
+        index = [slice(None)] * 4
+        index[self.n_axis] = i
+        return np.transpose(ds[tuple(index)], self.perm)
+
+    def block(self, ds, a, b):
+        """Images a..b-1 as (b - a, H, W, 3)."""
+        index = [slice(None)] * 4
+        index[self.n_axis] = slice(a, b)
+        x = np.moveaxis(ds[tuple(index)], self.n_axis, 0)
+        return np.transpose(x, [0] + [p + 1 for p in self.perm])
