@@ -1,7 +1,7 @@
 """Retrieval metrics for binary codes: mAP@K (the paper's number), full mAP, precision@top-R
 and the Hamming-radius precision-recall curve.
 
-Definitions (SPEC section 4; README "Evaluation"):
+Definitions (the authors' evaluation code; docs/metrics.md):
 - Each query ranks the whole database by Hamming distance. Ties are broken by database index,
   ascending (a stable sort), so the numbers do not depend on the sort algorithm or the device.
 - An item is relevant to a query when they share at least one label.
@@ -38,7 +38,7 @@ NUMPY_DTYPES = {torch.uint8: np.uint8, torch.int32: np.int32}  # of the distance
 
 # ===== public metrics =====
 def calculate_top_map(qu_B, re_B, qu_L, re_L, topk):
-    """mAP@topk (SPEC section 4) as a float; topk larger than the database means all of it."""
+    """mAP@topk (docs/metrics.md) as a float; topk larger than the database means all of it."""
     if topk < 1:
         raise ValueError(f"topk must be at least 1, got {topk}")
     data = _prepare(qu_B, re_B, qu_L, re_L)

@@ -6,7 +6,7 @@
 
 Each argument is a run directory (its final codes: the file results.json names, else the
 latest codes/epoch_EEE.npz; --epoch picks another) or one codes .npz file. Nothing is
-retrained or re-encoded: the curves come from the saved codes alone (CONTRACT.md keys
+retrained or re-encoded: the curves come from the saved codes alone (docs/runs.md; keys
 query_img, query_txt, db_img, db_txt, query_labels, db_labels), through metric.py.
 
 The figure has four panels: precision@top-R for I->T and T->I (R up to 2,000 on Wiki and

@@ -1,4 +1,4 @@
-"""The loss and target of SPEC section 1 against plain loop implementations."""
+"""The paper's target and loss, as the authors' code computes them, against plain loops."""
 import math
 
 import numpy as np
@@ -18,7 +18,8 @@ def unit_rows(x):
 
 
 def reference_target(F_I, F_T, beta, eta, mu):
-    """SPEC 1.1-1.2 written out entry by entry."""
+    """The target mu S (cosines mapped by S * 2 - 1, then the joint and second-order
+    terms) written out entry by entry."""
     m = len(F_I)
     a, b = unit_rows(F_I), unit_rows(F_T)
     S_tilde = np.zeros((m, m))
@@ -36,7 +37,8 @@ def reference_target(F_I, F_T, beta, eta, mu):
 
 
 def reference_loss(code_I, code_T, target, lambda1, lambda2):
-    """SPEC 1.5: mean squared error over all m x m entries of three cosine matrices."""
+    """The reconstruction loss: mean squared error over all m x m entries of three cosine
+    matrices."""
     a, b = unit_rows(code_I), unit_rows(code_T)
     m = len(a)
 

@@ -1,4 +1,4 @@
-"""metric.py against a plain reference written here from the definitions (SPEC section 4), on
+"""metric.py against a plain reference written here from the definitions (docs/metrics.md), on
 a hand-computed example and on random codes with massive ties."""
 import numpy as np
 import pytest
