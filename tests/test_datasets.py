@@ -558,6 +558,49 @@ def test_suspicious_data_warns_with_counts(tmp_path, capsys):
     assert np.isfinite(data.texts).all() and not data.texts[4].any()
 
 
+@pytest.mark.parametrize('tagless', [1, 20])
+def test_nuswide_tagless_pairs_are_a_note_not_a_warning(tmp_path, capsys, tagless):
+    """DCMH's NUS-WIDE keeps a few thousand pairs with no tag (of 186,577): on that file the
+    check says so as information. Far more than that is still a warning."""
+    texts, labels = write_dcmh(tmp_path, NUS_NAMES, n=50, d=20, c=10, seed=1)
+    texts[:tagless] = 0
+    save_v5(tmp_path / NUS_NAMES[1], {'YAll': texts})
+    code, out, err = run_check(['DATASET=NUSWIDE', f'DATA_DIR={tmp_path}'], capsys)
+    assert code == 0, err
+    assert f'pairs with no label: 0; with no text: {tagless}' in out
+    note = f'note: {tagless} of 50 pairs have an all-zero text vector, as expected'
+    warning = f'warning: {tagless} of 50 pairs have an all-zero text vector'
+    assert (note in out, warning in out) == ((True, False) if tagless == 1 else (False, True))
+
+
+# ===== a bug of ours keeps its traceback; only a bad file is a one-line error =====
+
+def boom(*args, **kwargs):
+    raise ZeroDivisionError('a bug, not a bad file')
+
+
+@pytest.mark.parametrize('where', ['matfile.describe', 'matfile.read_var', 'H5Images',
+                                   'in_memory', 'wiki_opencv', 'wiki_pil'])
+def test_a_bug_is_not_reported_as_a_bad_file(layouts, monkeypatch, capsys, where):
+    dataset = 'Wiki' if where.startswith('wiki') else 'MIRFlickr'
+    argv = [f'DATASET={dataset}', f'DATA_DIR={layouts[dataset][0]}']
+    if where == 'matfile.describe':
+        monkeypatch.setattr(matfile.scipy.io, 'whosmat', boom)
+    elif where == 'matfile.read_var':
+        monkeypatch.setattr(matfile.scipy.io, 'loadmat', boom)
+    elif where in ('H5Images', 'in_memory'):
+        monkeypatch.setattr(matfile.ImageLayout, 'image', boom)
+        monkeypatch.setattr(matfile.ImageLayout, 'block', boom)
+        argv.append(f'IN_MEMORY={where == "in_memory"}')
+    elif where == 'wiki_opencv':
+        monkeypatch.setattr(cv2, 'imread', boom)
+    else:
+        monkeypatch.setattr(datasets.Image, 'open', boom)
+    with pytest.raises(ZeroDivisionError):      # not UserError, not SystemExit(2)
+        settings.run_cli(datasets.main, argv)
+    assert 'error:' not in capsys.readouterr().err
+
+
 # ===== DEMO =====
 
 def test_make_demo_layout_determinism_speed(tmp_path):
@@ -612,17 +655,31 @@ def test_load_generates_demo_on_first_use(tmp_path, capsys, monkeypatch):
 
 # ===== end to end through train.py =====
 
-@pytest.mark.parametrize('dataset', ['MIRFlickr', 'NUSWIDE', 'Wiki'])
-def test_train_end_to_end_on_each_layout(layouts, tmp_path, dataset):
+def train_briefly(dataset, data_dir, out_dir):
     import json
     import train
-    folder = layouts[dataset][0]
-    run_dir = train.main([f'DATASET={dataset}', f'DATA_DIR={str(folder)!r}', 'NUM_EPOCH=1',
+    run_dir = train.main([f'DATASET={dataset}', f'DATA_DIR={str(data_dir)!r}', 'NUM_EPOCH=1',
                           'BATCH_SIZE=8', 'CODE_LEN=16', "BACKBONE='alexnet'",
                           'PRETRAINED=False', 'RESIZE=72', 'CROP=64', 'NUM_WORKERS=0',
-                          f'OUT_DIR={str(tmp_path)!r}', 'EVAL_BATCH_SIZE=64', "DEVICE='cpu'"])
+                          f'OUT_DIR={str(out_dir)!r}', 'EVAL_BATCH_SIZE=64', "DEVICE='cpu'"])
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
     assert results['dataset'] == dataset and 0 <= results['map_i2t'] <= 1
     split = np.load(os.path.join(run_dir, 'split.npz'))
     assert not set(split['query']) & set(split['database'])
+    return run_dir
+
+
+@pytest.mark.parametrize('dataset', ['MIRFlickr', 'NUSWIDE', 'Wiki'])
+def test_train_end_to_end_on_each_layout(layouts, tmp_path, dataset):
+    train_briefly(dataset, layouts[dataset][0], tmp_path)
+
+
+@pytest.mark.parametrize('layout', sorted(set(PUBLISHED_LAYOUTS) - {'NUSWIDE flat'}))
+def test_train_on_each_published_folder_tree(tmp_path, layout):
+    """(The flat NUS-WIDE folder trains in test_train_end_to_end_on_each_layout.)"""
+    data_dir, dataset, _, _, _ = write_published(tmp_path, layout)
+    run_dir = train_briefly(dataset, data_dir, tmp_path / 'runs')
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        epochs = [line for line in f if '"loss"' in line]
+    assert len(epochs) == 1       # one epoch of 20 training pairs: 2 batches of 8
