@@ -387,7 +387,8 @@ def load_wiki(data_dir):
     paths = [os.path.join(data_dir, WIKI_IMAGES, WIKI_CATEGORIES[c], name + '.jpg')
              for name, c in zip(names, cats)]
     for path in paths:  # a missing image is named now, not in a worker mid-epoch
-        matfile.need_file(path, "the image named in the list files")
+        if not os.path.isfile(path):
+            raise UserError(f"missing file {path}: expected the image named in the list files")
     n_train = len(parts[0][0])
     train = np.arange(n_train, dtype=np.int64)
     query = np.arange(n_train, len(names), dtype=np.int64)
@@ -676,7 +677,7 @@ def check(cfg):
     data = load(cfg, generate=False, verbose=False)
     check_images(data)
     for path, what in data.files:
-        print(f"  {os.path.basename(path):28} {what}")
+        print(f"  {os.path.relpath(path, cfg.DATA_DIR):34} {what}")   # where it was found
     n = len(data.labels)
     print(f"  pairs {n}; text {data.texts.shape[1]}-d; {data.labels.shape[1]} labels")
     print(f"  pairs with no label: {int((data.labels.sum(1) == 0).sum())}; "

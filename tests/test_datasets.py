@@ -1,6 +1,7 @@
 """datasets.py: the file layouts, the split, the loaders, the check command, DEMO."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -683,3 +684,40 @@ def test_train_on_each_published_folder_tree(tmp_path, layout):
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
         epochs = [line for line in f if '"loss"' in line]
     assert len(epochs) == 1       # one epoch of 20 training pairs: 2 batches of 8
+
+
+# ===== the troubleshooting table of docs/data.md quotes what the code prints =====
+
+def code_messages():
+    """The project's source with implicitly concatenated string literals joined, so that a
+    message split over several lines of code reads as one line."""
+    text = ''
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith('.py'):
+            with open(os.path.join(ROOT, name), encoding='utf-8') as f:
+                text += f.read() + '\n'
+    return re.sub(r'''(["'])[ \t]*\n[ \t]*(?:[rbfRBF]{1,2})?\1''', '', text)
+
+
+def quoted(message, source):
+    """Whether the source can print `message`: its fixed parts in order on one line, where
+    '...' and '<word>' in the docs stand for anything."""
+    kind, _, rest = message.partition(': ')
+    assert kind in ('error', 'warning', 'note'), message
+    assert f'f"{kind}: {{' in source, kind          # run_cli / load / check print the prefix
+    parts = re.split(r'\.\.\.|<[^<>]*>', rest)
+    pattern = '.*?'.join(re.escape(part) for part in parts)
+    return re.search(pattern, source) is not None
+
+
+def test_docs_troubleshooting_quotes_messages_the_code_prints():
+    with open(os.path.join(ROOT, 'docs', 'data.md'), encoding='utf-8') as f:
+        docs = f.read()
+    section = docs[docs.index('## Troubleshooting'):]
+    messages = re.findall(r'^\| `((?:error|warning|note): [^`]+)` \|', section, re.M)
+    assert len(messages) >= 20
+    source = code_messages()
+    missing = [m for m in messages if not quoted(m, source)]
+    assert not missing, missing
+    # the check can fail: the text that an earlier README quoted is not printed any more
+    assert not quoted('error: ... mirflickr25k-iall.mat: no such file', source)
