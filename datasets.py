@@ -9,8 +9,11 @@ Reads MIRFlickr-25K, NUS-WIDE (top-10 concepts) and Wiki in the DCMH layouts:
                trainset_txt_img_cat.list, testset_txt_img_cat.list
     DEMO       generated on first use (make_demo), in the MIRFlickr layout
 
-Every .mat file may be MATLAB v7.3 or v5 (matfile.py reads both); every array is
-oriented by its number of pairs. Images are read lazily, one HDF5 handle per process.
+Each DCMH file is found in DATA_DIR, DATA_DIR/<X>/ or DATA_DIR/<X>/<X>/ (X = IAll, YAll,
+LAll), as the published downloads put them (docs/data.md). Every .mat file may be MATLAB
+v7.3 or v5 (matfile.py reads both); every matrix is oriented by its number of pairs, an
+image array by where its colour axis is. Images are read lazily, one HDF5 handle per
+process; Wiki's JPEGs are decoded by OpenCV, as the authors do.
 
 Check a dataset on disk (exit status 2 and one line per problem):
 

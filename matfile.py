@@ -4,7 +4,8 @@ A v7.3 file is HDF5 behind a 512-byte header. MATLAB stores its column-major arr
 the axes reversed, so h5py sees an H x W x 3 x N image array as (N, 3, W, H); v5 files are
 read by scipy in MATLAB's own order. `describe` looks at a variable without reading it,
 `read_var` reads it, `ImageLayout` finds the pairs, height, width and colour axes of an
-image array, and the writers produce files that MATLAB (and the readers here) accept.
+image array from its shape (not from MATLAB's attribute, which re-saved copies lose), and
+the writers produce files that MATLAB (and the readers here) accept.
 """
 import dataclasses
 import os
