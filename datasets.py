@@ -9,8 +9,11 @@ Reads MIRFlickr-25K, NUS-WIDE (top-10 concepts) and Wiki in the DCMH layouts:
                trainset_txt_img_cat.list, testset_txt_img_cat.list
     DEMO       generated on first use (make_demo), in the MIRFlickr layout
 
-Every .mat file may be MATLAB v7.3 or v5 (matfile.py reads both); every array is
-oriented by its number of pairs. Images are read lazily, one HDF5 handle per process.
+Each DCMH file is found in DATA_DIR, DATA_DIR/<X>/ or DATA_DIR/<X>/<X>/ (X = IAll, YAll,
+LAll), as the published downloads put them (docs/data.md). Every .mat file may be MATLAB
+v7.3 or v5 (matfile.py reads both); every matrix is oriented by its number of pairs, an
+image array by where its colour axis is. Images are read lazily, one HDF5 handle per
+process; Wiki's JPEGs are decoded by OpenCV, as the authors do.
 
 Check a dataset on disk (exit status 2 and one line per problem):
 
@@ -22,7 +25,7 @@ import sys
 
 import h5py
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 import matfile
 import settings
@@ -42,6 +45,9 @@ WIKI_CATEGORIES = ('art', 'biology', 'geography', 'history', 'literature', 'medi
                    'royalty', 'sport', 'warfare')
 # What the published files hold: pairs, text dimension, labels (a mismatch is only a warning).
 EXPECTED = {'MIRFlickr': (20015, 1386, 24), 'NUSWIDE': (186577, 1000, 10), 'Wiki': (2866, 10, 10)}
+# Share of pairs whose text is all zeros in the published files, at most: DCMH's NUS-WIDE
+# keeps every image with one of the 10 concepts, tag-less ones included (about 5,000).
+EXPECTED_TAGLESS = {'NUSWIDE': 0.05}
 
 # ===== the split protocol (README, Data) =====
 # dataset -> (first class: query, train; each later class: query, train; totals: query, train)
@@ -79,6 +85,7 @@ class Data:
     database: np.ndarray
     files: list              # (path, description) of every file read
     warnings: list           # legal but suspicious things about the data
+    notes: list = dataclasses.field(default_factory=list)   # expected oddities, for information
 
 
 class H5Images:
@@ -134,8 +141,15 @@ class ArrayImages:
         return Image.fromarray(self.array[int(i)])
 
 
+# What an unreadable or foreign image file makes PIL raise (UnidentifiedImageError and a
+# truncated file's error are OSErrors); anything else is a bug of ours.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
 class FileImages:
-    """One image file per pair (Wiki)."""
+    """One image file per pair (Wiki), decoded as the authors do: cv2.imread (which
+    applies the EXIF orientation and makes grey and CMYK pictures BGR), then BGR -> RGB.
+    PIL's transforms then work on Image.fromarray of that."""
 
     def __init__(self, paths):
         self.paths = list(paths)
@@ -144,16 +158,33 @@ class FileImages:
         return len(self.paths)
 
     def pil(self, i):
+        return Image.fromarray(self.decode(i))
+
+    def decode(self, i):
+        import cv2   # here, not at import: the check command and training on .mat need none
+        path = self.paths[int(i)]
+        try:
+            bgr = cv2.imread(path)   # None, not an exception, for a file it cannot decode
+        except cv2.error as err:
+            raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
+        if bgr is None:
+            raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
+        # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
+        # must not be started before the DataLoader forks its workers
+        return np.ascontiguousarray(bgr[..., ::-1])
+
+    def __getitem__(self, i):
+        """The image as (H, W, 3) uint8, after checking that the file is whole: OpenCV
+        decodes a truncated JPEG with a grey bottom and only a warning on stderr, so the
+        check command (which reads every image this way) asks PIL to decode it in full."""
         path = self.paths[int(i)]
         try:
             with Image.open(path) as img:
-                # EXIF orientation applied, as the authors' cv2.imread does; grey -> RGB.
-                return ImageOps.exif_transpose(img).convert('RGB')
-        except matfile.READ_ERRORS as err:
-            raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
-
-    def __getitem__(self, i):
-        return np.asarray(self.pil(i))
+                img.load()
+        except IMAGE_ERRORS as err:
+            raise UserError(f"{path}: not a readable image, truncated or corrupt? "
+                            f"({matfile.one_line(err)})") from err
+        return self.decode(i)
 
 
 def read_image(iall_path, index, key='IAll'):
@@ -224,7 +255,10 @@ def load(cfg, generate=True, verbose=True):
         data.query, data.train, data.database = split_indices(data.labels, cfg.DATASET,
                                                               cfg.SPLIT_SEED)
     data.warnings += suspicious(data)
+    data.notes = notes_on(data)
     if verbose:
+        for line in data.notes:
+            print(f"note: {line}")
         for line in data.warnings:
             print(f"warning: {line}")
     return data
@@ -237,11 +271,18 @@ def expected_files(cfg):
 
 
 def dcmh_paths(dataset, data_dir):
-    iall, yall, lall = (os.path.join(data_dir, name) for name in DCMH_FILES[dataset])
-    nested = os.path.join(data_dir, 'IAll', DCMH_FILES[dataset][0])  # the authors' NUS path
-    if not os.path.isfile(iall) and os.path.isfile(nested):
-        iall = nested
-    return iall, yall, lall
+    """The IAll, YAll and LAll files of a DCMH dataset, wherever the downloads put them:
+    in DATA_DIR, in a folder named after the variable (DCMH's MIRFlickr archive unpacks as
+    Cleared-Set/IAll/mirflickr25k-iall.mat, ...), or two deep (NUS-WIDE's IAll/IAll/)."""
+    found = []
+    for name, key in zip(DCMH_FILES[dataset], ('IAll', 'YAll', 'LAll')):
+        tried = [os.path.join(data_dir, *sub, name) for sub in ((), (key,), (key, key))]
+        hits = [path for path in tried if os.path.isfile(path)]
+        if not hits:
+            raise UserError(f"missing file {name} ({key}): tried {', '.join(tried)}; "
+                            f"expected the {dataset} files in DATA_DIR (see docs/data.md)")
+        found.append(hits[0])
+    return tuple(found)
 
 
 def load_dcmh(dataset, data_dir, in_memory=False):
@@ -349,7 +390,8 @@ def load_wiki(data_dir):
     paths = [os.path.join(data_dir, WIKI_IMAGES, WIKI_CATEGORIES[c], name + '.jpg')
              for name, c in zip(names, cats)]
     for path in paths:  # a missing image is named now, not in a worker mid-epoch
-        matfile.need_file(path, "the image named in the list files")
+        if not os.path.isfile(path):
+            raise UserError(f"missing file {path}: expected the image named in the list files")
     n_train = len(parts[0][0])
     train = np.arange(n_train, dtype=np.int64)
     query = np.arange(n_train, len(names), dtype=np.int64)
@@ -371,7 +413,7 @@ def suspicious(data):
     if no_label:
         out.append(f"{no_label} of {n} pairs have no label (they are never relevant to any "
                    f"query)")
-    if no_text:
+    if no_text and not tagless_expected(data):
         out.append(f"{no_text} of {n} pairs have an all-zero text vector (kept: its cosine "
                    f"with every text is 0)")
     if (data.texts < 0).any():
@@ -385,6 +427,23 @@ def suspicious(data):
                    f"the published {data.dataset} files have {expected[0]} pairs, "
                    f"{expected[1]}-d text, {expected[2]} labels")
     return out
+
+
+def tagless_expected(data):
+    """Whether the all-zero texts are as many as the published files hold (NUS-WIDE)."""
+    no_text = int((~data.texts.any(1)).sum())
+    share = EXPECTED_TAGLESS.get(data.dataset, 0)
+    return 0 < no_text <= share * len(data.texts)
+
+
+def notes_on(data):
+    """What the published files are known to hold that would otherwise look wrong."""
+    if not tagless_expected(data):
+        return []
+    no_text = int((~data.texts.any(1)).sum())
+    return [f"{no_text} of {len(data.texts)} pairs have an all-zero text vector, as expected: "
+            f"the published {data.dataset} files keep the images that have one of the "
+            f"concepts but none of the tags (about 5,000 of 186,577)"]
 
 
 # ===== the split =====
@@ -621,7 +680,7 @@ def check(cfg):
     data = load(cfg, generate=False, verbose=False)
     check_images(data)
     for path, what in data.files:
-        print(f"  {os.path.basename(path):28} {what}")
+        print(f"  {os.path.relpath(path, cfg.DATA_DIR):34} {what}")   # where it was found
     n = len(data.labels)
     print(f"  pairs {n}; text {data.texts.shape[1]}-d; {data.labels.shape[1]} labels")
     print(f"  pairs with no label: {int((data.labels.sum(1) == 0).sum())}; "
@@ -630,6 +689,8 @@ def check(cfg):
     seed = '' if cfg.DATASET == 'Wiki' else f" (SPLIT_SEED={cfg.SPLIT_SEED})"
     print(f"  split{seed}: query {len(data.query)}, train {len(data.train)}, "
           f"database {len(data.database)}")
+    for line in data.notes:
+        print(f"note: {line}")
     for line in data.warnings:
         print(f"warning: {line}")
     print(f"ok: {cfg.DATASET} in {cfg.DATA_DIR} passes the check"

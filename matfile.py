@@ -4,7 +4,8 @@ A v7.3 file is HDF5 behind a 512-byte header. MATLAB stores its column-major arr
 the axes reversed, so h5py sees an H x W x 3 x N image array as (N, 3, W, H); v5 files are
 read by scipy in MATLAB's own order. `describe` looks at a variable without reading it,
 `read_var` reads it, `ImageLayout` finds the pairs, height, width and colour axes of an
-image array, and the writers produce files that MATLAB (and the readers here) accept.
+image array from its shape (not from MATLAB's attribute, which re-saved copies lose), and
+the writers produce files that MATLAB (and the readers here) accept.
 """
 import dataclasses
 import os
@@ -192,37 +193,36 @@ def write_mat5(path, arrays):
 class ImageLayout:
     """Where the pairs axis and the height, width and colour axes of an IAll array are.
 
-    Works in MATLAB's order (H x W x 3 x N for DCMH files), then maps to the order in which
-    the data is stored: h5py sees a MATLAB-written array with its axes reversed, so one
-    image comes back as (3, W, H) and is transposed (2, 1, 0) to (H, W, 3)."""
+    Decided by the array as stored, not by MATLAB's attribute (a copy re-saved by other
+    tools loses it). The pairs axis is first or last; the colour axis (length 3) either
+    sits next to it, which is MATLAB's H x W x 3 x N (scipy shows it so; h5py shows it
+    reversed, (N, 3, W, H), so one image is transposed (2, 1, 0) to (H, W, 3)), or at the
+    other end, which is NumPy's (N, H, W, 3) (or that reversed, (3, W, H, N))."""
 
     def __init__(self, var, n=None):
-        shape = var.shape
+        shape = stored_shape(var)
         if len(shape) != 4:
             raise UserError(f"{var.name()}: expected a 4-D image array (H x W x 3 x pairs), "
-                            f"found shape {shape}")
-        if n is None:  # MATLAB puts the pairs last; (N, H, W, 3) from NumPy puts them first
-            n = shape[3] if shape[3] != 3 else shape[0]
-        if shape[3] == n:
-            n_axis = 3
-        elif shape[0] == n:
-            n_axis = 0
-        else:
-            raise UserError(f"{var.name()}: shape {shape} has no axis of {n} pairs "
-                            f"(first or last)")
-        rest = [a for a in range(4) if a != n_axis]
-        if shape[rest[2]] == 3:
-            hwc = rest
-        elif shape[rest[0]] == 3:
-            hwc = [rest[1], rest[2], rest[0]]
-        else:
-            raise UserError(f"{var.name()}: shape {shape} has no axis of 3 colour channels")
-        self.n, self.height, self.width = shape[n_axis], shape[hwc[0]], shape[hwc[1]]
-        # Storage axes: MATLAB axis a is stored at 3 - a when reversed.
-        store = (lambda a: 3 - a) if var.axes_reversed else (lambda a: a)
-        self.n_axis = store(n_axis)
-        kept = sorted(store(a) for a in rest)
-        self.perm = [kept.index(store(a)) for a in hwc]
+                            f"found shape {var.shape}")
+        # Reading away from the pairs axis, MATLAB's order gives colour, width, height and
+        # NumPy's height, width, colour. The first that fits wins (several fit only when a
+        # side is 3 pixels long).
+        fits = []
+        for n_axis in (0, 3):
+            out = [1, 2, 3] if n_axis == 0 else [2, 1, 0]
+            if n is not None and shape[n_axis] != n:
+                continue
+            if shape[out[0]] == 3:
+                fits.append((n_axis, out[2], out[1], out[0]))   # MATLAB: (N, 3, W, H)
+            if shape[out[2]] == 3:
+                fits.append((n_axis, out[0], out[1], out[2]))   # NumPy: (N, H, W, 3)
+        if not fits:
+            raise UserError(f"{var.name()}: shape {var.shape} is neither H x W x 3 x pairs "
+                            f"nor pairs x H x W x 3" + (f" with {n} pairs" if n else ""))
+        self.n_axis, height, width, colour = fits[0]
+        self.n, self.height, self.width = shape[self.n_axis], shape[height], shape[width]
+        rest = [a for a in range(4) if a != self.n_axis]
+        self.perm = [rest.index(height), rest.index(width), rest.index(colour)]
 
     def image(self, ds, i):
         index = [slice(None)] * 4
@@ -235,3 +235,8 @@ class ImageLayout:
         index[self.n_axis] = slice(a, b)
         x = np.moveaxis(ds[tuple(index)], self.n_axis, 0)
         return np.transpose(x, [0] + [p + 1 for p in self.perm])
+
+
+def stored_shape(var):
+    """The shape as the reader sees the data (h5py's order for a v7.3 file)."""
+    return tuple(var.shape[::-1] if var.axes_reversed else var.shape)

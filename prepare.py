@@ -1,4 +1,4 @@
-"""Build the DCMH-style files (README, Data) from the raw public downloads.
+"""Build the DCMH-style files (docs/data.md) from the raw public downloads.
 
     python prepare.py DATASET=MIRFlickr RAW_DIR=downloads/mirflickr DATA_DIR=data/mirflickr
     python prepare.py DATASET=NUSWIDE RAW_DIR=downloads/nuswide DATA_DIR=data/nuswide
@@ -22,11 +22,14 @@ NUS-WIDE (ImageList/Imagelist.txt, Groundtruth/AllLabels/Labels_<concept>.txt,
 NUS_WID_Tags/AllTags1k.txt, and the images under Flickr/<concept>/<name>.jpg):
   1. labels: the TOP_CONCEPTS = 10 concepts with the most images, in alphabetical order;
   2. text: the 1,000-d 0/1 tag vector of AllTags1k.txt;
-  3. pairs with none of the 10 concepts, no tag, or no readable image are dropped
-     (DCMH reports 186,577 pairs; the counts are printed);
+  3. pairs with none of the 10 concepts or no readable image are dropped; pairs with
+     none of the 1,000 tags are kept, as in DCMH's files (186,577 pairs, about 5,000 of
+     them with an all-zero text; the counts are printed);
   4. IAll and YAll as MATLAB -v7.3 writes them, LAll as v5.
 Every pair's original image number (or Imagelist line) goes to <prefix>-ids.txt, and the
 tag vocabulary to <prefix>-tags.txt. The result is checked as `python datasets.py` does.
+Settings: RAW_DIR, SIZE, MIN_TAG_IMAGES, TOP_CONCEPTS, WORKERS (SETTINGS below) and any of
+settings.py (DATASET, DATA_DIR, SPLIT_SEED for the check, ...).
 """
 import io
 import multiprocessing
@@ -34,6 +37,7 @@ import os
 import re
 import sys
 import zipfile
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -44,19 +48,19 @@ import matfile
 import settings
 from settings import UserError
 
-# Settings of this script: KEY=VALUE on the command line, as for train.py.
-DEFAULTS = dict(
-    DATASET='MIRFlickr',     # 'MIRFlickr' | 'NUSWIDE' | 'DEMO' | 'Wiki'
+# This script's own settings, beside those of settings.py (DATASET, DATA_DIR, ...):
+# KEY=VALUE on the command line, resolved and type-checked by settings.resolve.
+SETTINGS = dict(
     RAW_DIR='',              # the downloads (zip files or unpacked); not used by DEMO / Wiki
-    DATA_DIR='',             # where the files go; '' = the dataset's default (settings.py)
     SIZE=224,                # images are resized to SIZE x SIZE (the DCMH files: 224)
     MIN_TAG_IMAGES=20,       # MIRFlickr: a tag enters the vocabulary if this many images use it
     TOP_CONCEPTS=10,         # NUS-WIDE: how many of the most frequent concepts become labels
     WORKERS=0,               # processes decoding images; 0 = one per CPU
 )
 IMAGE_BLOCK = 2048                   # images decoded per round of the worker pool
-MIR_EXPECTED = (20015, 1386, 24)     # pairs, tags, labels of the published files
-NUS_EXPECTED = (186577, 1000, 10)
+# What a damaged download makes zipfile and zlib raise (a bad image: datasets.IMAGE_ERRORS).
+ARCHIVE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                  RuntimeError)   # the last two: an unsupported compression, an encrypted zip
 
 
 # ===== the downloads =====
@@ -96,9 +100,9 @@ class RawTree:
                 with open(name, 'rb') as f:
                     return f.read()
             return self.zips[archive].read(name)
-        except Exception as err:
+        except ARCHIVE_ERRORS as err:
             raise UserError(f"{self.where(rel)}: cannot be read ({matfile.one_line(err)})") \
-                from None
+                from err
 
     def where(self, rel):
         archive, name = self.entries[rel]
@@ -137,7 +141,7 @@ def decode(args):
         with Image.open(io.BytesIO(raw)) as img:
             img = img.convert('RGB').resize((size, size), Image.BICUBIC)
             return np.asarray(img, np.uint8)
-    except Exception:
+    except datasets.IMAGE_ERRORS:
         return None
 
 
@@ -258,10 +262,10 @@ def compare_common_tags(tree, vocab, threshold):
 
 
 def build_mirflickr(cfg):
-    tree = RawTree(cfg['RAW_DIR'])
+    tree = RawTree(cfg.RAW_DIR)
     images = {int(k): rel for k, rel in tree.match(r'(?:^|/)im(\d+)\.jpg$').items()}
     if not images:
-        raise UserError(f"RAW_DIR={cfg['RAW_DIR']!r}: no mirflickr/im<N>.jpg found; expected "
+        raise UserError(f"RAW_DIR={cfg.RAW_DIR!r}: no mirflickr/im<N>.jpg found; expected "
                         f"the contents of mirflickr25k.zip")
     ids = sorted(images)
     print(f"MIRFlickr raw: {len(ids)} images (expected 25000)")
@@ -270,19 +274,20 @@ def build_mirflickr(cfg):
     tags, n_tag_files = mirflickr_tags(tree, ids)
     print(f"  {n_tag_files} tag files (expected 25000)")
     counts = Counter(t for image_tags in tags for t in image_tags)   # images per tag
-    vocab = sorted((t for t, c in counts.items() if c >= cfg['MIN_TAG_IMAGES']),
+    vocab = sorted((t for t, c in counts.items() if c >= cfg.MIN_TAG_IMAGES),
                    key=lambda t: (-counts[t], t))
-    compare_common_tags(tree, vocab, cfg['MIN_TAG_IMAGES'])
+    compare_common_tags(tree, vocab, cfg.MIN_TAG_IMAGES)
     column = {t: j for j, t in enumerate(vocab)}
     texts = np.zeros((len(ids), len(vocab)), np.uint8)
     for i, image_tags in enumerate(tags):
         texts[i, [column[t] for t in image_tags if t in column]] = 1
     has_label, has_tag = labels.any(1), texts.any(1)
     keep = np.flatnonzero(has_label & has_tag)
-    print(f"  vocabulary: {len(vocab)} tags used by at least {cfg['MIN_TAG_IMAGES']} images "
-          f"(expected {MIR_EXPECTED[1]})")
+    n_pairs, n_tags, _ = datasets.EXPECTED['MIRFlickr']
+    print(f"  vocabulary: {len(vocab)} tags used by at least {cfg.MIN_TAG_IMAGES} images "
+          f"(expected {n_tags})")
     print(f"  {int((~has_label).sum())} images have no label, {int((~has_tag).sum())} have "
-          f"none of those tags; {len(keep)} pairs kept (expected {MIR_EXPECTED[0]})")
+          f"none of those tags; {len(keep)} pairs kept (expected {n_pairs})")
     prefix, ok = write_dcmh(cfg, 'MIRFlickr', tree, [images[ids[i]] for i in keep],
                             texts[keep], labels[keep], yall_v73=False)
     write_text_file(prefix + '-ids.txt', [ids[i] for i, good in zip(keep, ok) if good])
@@ -294,11 +299,11 @@ def build_mirflickr(cfg):
 def write_dcmh(cfg, dataset, tree, rels, texts, labels, yall_v73):
     """IAll from the images (dropping unreadable ones), then YAll and LAll for the pairs
     kept. Returns (path prefix of the side files, which of `rels` were kept)."""
-    out = cfg['DATA_DIR']
+    out = cfg.DATA_DIR
     os.makedirs(out, exist_ok=True)
     iall, yall, lall = (os.path.join(out, name) for name in datasets.DCMH_FILES[dataset])
-    print(f"  writing {len(rels)} images of {cfg['SIZE']} x {cfg['SIZE']} to {iall}")
-    ok = write_images(iall, tree, rels, cfg['SIZE'], cfg['WORKERS'])
+    print(f"  writing {len(rels)} images of {cfg.SIZE} x {cfg.SIZE} to {iall}")
+    ok = write_images(iall, tree, rels, cfg.SIZE, cfg.WORKERS)
     report_dropped(rels, ok, tree)
     texts, labels = texts[ok].astype(np.float64), labels[ok].astype(np.float64)
     if yall_v73:  # NUS-WIDE's YAll is v7.3 in the DCMH files (1.5 GB of doubles)
@@ -349,11 +354,11 @@ def nuswide_concepts(tree, n_lines, top):
 
 
 def build_nuswide(cfg):
-    tree = RawTree(cfg['RAW_DIR'])
+    tree = RawTree(cfg.RAW_DIR)
     listing = [line for line in lines_of(tree.read(tree.one(
         'ImageList/Imagelist.txt', "NUS-WIDE's image list (ImageList.zip)"))) if line]
     print(f"NUS-WIDE raw: {len(listing)} images listed (expected 269648)")
-    names, labels, counts = nuswide_concepts(tree, len(listing), cfg['TOP_CONCEPTS'])
+    names, labels, counts = nuswide_concepts(tree, len(listing), cfg.TOP_CONCEPTS)
     print(f"  labels: the {len(names)} most frequent of {len(counts)} concepts: "
           + ', '.join(f"{n} ({counts[n]})" for n in names))
     texts = read_01_lines(tree, tree.one('AllTags1k.txt', "NUS_WID_Tags/AllTags1k.txt"), 1000)
@@ -366,10 +371,12 @@ def build_nuswide(cfg):
             if rel.lower().endswith('.jpg')}
     rels = [jpgs.get('/'.join(line.replace('\\', '/').lower().split('/')[-2:]))
             for line in listing]
-    has_label, has_tag = labels.any(1), texts.any(1)
-    keep = np.flatnonzero(has_label & has_tag)
-    print(f"  {int(has_label.sum())} images have one of the {len(names)} concepts; "
-          f"{len(keep)} of them have a tag (DCMH reports {NUS_EXPECTED[0]} pairs)")
+    # DCMH's files keep the images with no tag among the 1,000 (their 186,577 pairs count
+    # them; without them about 181,365 remain): so do we.
+    keep = np.flatnonzero(labels.any(1))
+    print(f"  {len(keep)} images have one of the {len(names)} concepts (DCMH's files: "
+          f"{datasets.EXPECTED['NUSWIDE'][0]}); {int((~texts[keep].any(1)).sum())} of them "
+          f"have none of the 1000 tags and are kept, as in DCMH's files")
     prefix, ok = write_dcmh(cfg, 'NUSWIDE', tree, [rels[i] for i in keep], texts[keep],
                             labels[keep], yall_v73=True)
     write_text_file(prefix + '-ids.txt', [f"{i}\t{listing[i]}" for i, good in zip(keep, ok)
@@ -383,41 +390,29 @@ def build_nuswide(cfg):
 # ===== the command line =====
 
 def resolve(argv):
-    given = settings.parse_overrides(argv)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown setting {', '.join(unknown)}; valid settings: "
-                        f"{', '.join(DEFAULTS)}")
-    cfg = dict(DEFAULTS)
-    for key, value in given.items():
-        if type(value) is not type(DEFAULTS[key]):
-            raise UserError(f"setting {key}={value!r}: expected a "
-                            f"{type(DEFAULTS[key]).__name__} like {DEFAULTS[key]!r}")
-        cfg[key] = value
-    if cfg['DATASET'] not in settings.PRESETS:
-        raise UserError(f"setting DATASET={cfg['DATASET']!r}: expected one of "
-                        f"{', '.join(settings.PRESETS)}")
-    cfg['DATA_DIR'] = cfg['DATA_DIR'] or settings.PRESETS[cfg['DATASET']]['DATA_DIR']
-    if cfg['SIZE'] < 1 or cfg['MIN_TAG_IMAGES'] < 1 or cfg['TOP_CONCEPTS'] < 1:
-        raise UserError("settings SIZE, MIN_TAG_IMAGES and TOP_CONCEPTS: expected positive "
-                        "integers")
+    cfg = settings.resolve(argv, extra=SETTINGS)
+    for key in ('SIZE', 'MIN_TAG_IMAGES', 'TOP_CONCEPTS'):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"setting {key}={getattr(cfg, key)!r}: expected a positive integer")
+    if cfg.WORKERS < 0:
+        raise UserError(f"setting WORKERS={cfg.WORKERS!r}: expected 0 (one per CPU) or more")
     return cfg
 
 
 def main(argv):
     cfg = resolve(argv)
-    dataset = cfg['DATASET']
+    dataset = cfg.DATASET
     if dataset == 'MIRFlickr':
         build_mirflickr(cfg)
     elif dataset == 'NUSWIDE':
         build_nuswide(cfg)
     elif dataset == 'DEMO':
-        datasets.make_demo(cfg['DATA_DIR'])
-        print(f"DEMO: wrote {datasets.DEMO_PAIRS} generated pairs to {cfg['DATA_DIR']}")
+        datasets.make_demo(cfg.DATA_DIR)
+        print(f"DEMO: wrote {datasets.DEMO_PAIRS} generated pairs to {cfg.DATA_DIR}")
     else:
         print("Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
               "into DATA_DIR); checking it")
-    datasets.check(settings.resolve(DATASET=dataset, DATA_DIR=cfg['DATA_DIR']))
+    datasets.check(cfg)
     return 0
 
 

@@ -140,9 +140,11 @@ def _check_type(key, value, default):
     return float(value) if isinstance(default, float) else value
 
 
-def resolve(argv=(), **overrides):
-    """Defaults, then the dataset preset, then the variant, then the overrides."""
-    base = defaults()
+def resolve(argv=(), extra=None, **overrides):
+    """Defaults, then the dataset preset, then the variant, then the overrides. `extra`
+    {KEY: default} adds a command's own settings (prepare.py's RAW_DIR, ...), checked and
+    returned in the same namespace."""
+    base = {**defaults(), **(extra or {})}
     given = parse_overrides(argv)
     given.update({k.upper(): v for k, v in overrides.items()})
     unknown = sorted(set(given) - set(base))

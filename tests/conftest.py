@@ -131,3 +131,32 @@ def layouts(tmp_path_factory):
                                                 versions=('v7.3', 'v7.3', 'v5'), seed=1))
     out['Wiki'] = (root / 'wiki', write_wiki(root / 'wiki'))
     return out
+
+
+# Where the published downloads put the three files, relative to DATA_DIR: DCMH's MIRFlickr
+# archive unpacks as Cleared-Set/{IAll,YAll,LAll}/ (DATA_DIR=Cleared-Set); NUS-WIDE copies
+# come flat, with IAll under IAll/, or under IAll/IAll/.
+PUBLISHED_LAYOUTS = {
+    'MIRFlickr Cleared-Set': ('MIRFlickr', MIR_NAMES, ('IAll', 'YAll', 'LAll')),
+    'NUSWIDE flat': ('NUSWIDE', NUS_NAMES, ('', '', '')),
+    'NUSWIDE IAll/': ('NUSWIDE', NUS_NAMES, ('IAll', '', '')),
+    'NUSWIDE IAll/IAll/': ('NUSWIDE', NUS_NAMES, ('IAll/IAll', '', '')),
+}
+
+
+def write_published(root, layout, n=40, height=14, width=10):
+    """A replica of a published download's folder tree (tiny arrays in the published
+    versions: IAll v7.3; YAll v5 for MIRFlickr, v7.3 for NUS-WIDE; LAll v5). Returns
+    (DATA_DIR, dataset, texts, labels, {name: path written})."""
+    dataset, names, subs = PUBLISHED_LAYOUTS[layout]
+    data_dir = os.path.join(root, 'Cleared-Set' if dataset == 'MIRFlickr' else 'nus-wide')
+    versions = ('v7.3', 'v5', 'v5') if dataset == 'MIRFlickr' else ('v7.3', 'v7.3', 'v5')
+    flat = os.path.join(root, 'unplaced')
+    texts, labels = write_dcmh(flat, names, n=n, height=height, width=width, d=12, c=5,
+                               versions=versions, seed=2)
+    paths = {}
+    for name, sub in zip(names, subs):
+        paths[name] = os.path.join(data_dir, sub, name)
+        os.makedirs(os.path.dirname(paths[name]), exist_ok=True)
+        os.replace(os.path.join(flat, name), paths[name])
+    return data_dir, dataset, texts, labels, paths

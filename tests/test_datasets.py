@@ -1,6 +1,7 @@
 """datasets.py: the file layouts, the split, the loaders, the check command, DEMO."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -13,10 +14,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+import cv2
+
 import datasets
+import matfile
 import settings
-from conftest import (MIR_NAMES, NUS_NAMES, blue_of, config, pattern_image, save_v5,
-                      save_v73, write_dcmh, write_wiki)
+from conftest import (MIR_NAMES, NUS_NAMES, PUBLISHED_LAYOUTS, blue_of, config,
+                      pattern_image, save_v5, save_v73, tiny_texts_labels, write_dcmh,
+                      write_published, write_wiki)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,27 +64,77 @@ def test_nuswide_layout_yall_v73_transposed(layouts):
     assert data.images[49].shape == (20, 12, 3)
 
 
-def test_authors_nested_nuswide_iall_path(tmp_path):
+@pytest.mark.parametrize('layout', sorted(PUBLISHED_LAYOUTS))
+def test_published_layouts_pass_the_check(tmp_path, capsys, layout):
+    data_dir, dataset, texts, labels, paths = write_published(tmp_path, layout)
+    code, out, err = run_check([f'DATASET={dataset}', f'DATA_DIR={data_dir}'], capsys)
+    assert code == 0 and err == '', err
+    assert 'passes the check' in out and 'pairs 40; text 12-d; 5 labels' in out
+    data = datasets.load(config(dataset, data_dir), verbose=False)
+    assert [path for path, _ in data.files] == list(paths.values())   # found where they are
+    np.testing.assert_array_equal(data.texts, texts)
+    np.testing.assert_array_equal(data.labels, labels)
+    for i in (0, 39):
+        np.testing.assert_array_equal(data.images[i], pattern_image(i, 14, 10))
+
+
+def test_missing_file_names_every_path_tried(tmp_path, capsys):
+    data_dir, _, _, _, paths = write_published(tmp_path, 'MIRFlickr Cleared-Set')
+    os.remove(paths[MIR_NAMES[1]])
+    code, _, err = run_check(['DATASET=MIRFlickr', f'DATA_DIR={data_dir}'], capsys)
+    assert code == 2 and err.count('\n') == 1, err
+    for tried in ('', 'YAll', os.path.join('YAll', 'YAll')):
+        assert os.path.join(data_dir, tried, MIR_NAMES[1]) + (',' if tried != os.path.join(
+            'YAll', 'YAll') else ';') in err, err
+
+
+def test_flat_file_wins_over_a_nested_copy(tmp_path):
+    """A file found in several places: DATA_DIR itself first, then <X>/, then <X>/<X>/."""
     write_dcmh(tmp_path, NUS_NAMES, n=20)
     os.makedirs(tmp_path / 'IAll')
-    os.rename(tmp_path / NUS_NAMES[0], tmp_path / 'IAll' / NUS_NAMES[0])
+    write_dcmh(tmp_path / 'IAll', NUS_NAMES[:1], n=20, height=6, width=8)
     data = datasets.load(config('NUSWIDE', tmp_path), verbose=False)
-    np.testing.assert_array_equal(data.images[3], pattern_image(3, 20, 12))
+    assert data.files[0][0] == str(tmp_path / NUS_NAMES[0])
+    assert data.images[0].shape == (20, 12, 3)
 
 
-def test_read_image_every_orientation(tmp_path):
-    n, h, w = 5, 9, 7
-    stack = np.stack([pattern_image(i, h, w) for i in range(n)])   # (N, H, W, 3)
-    save_v73(tmp_path / 'matlab73.mat', {'IAll': stack.transpose(1, 2, 3, 0)})
-    save_v5(tmp_path / 'matlab5.mat', {'IAll': stack.transpose(1, 2, 3, 0)})
-    save_v5(tmp_path / 'numpy5.mat', {'IAll': stack})
-    with h5py.File(tmp_path / 'numpy_h5.mat', 'w') as f:   # plain h5py, no MATLAB attributes
-        f['IAll'] = stack
-    for name in ('matlab73.mat', 'matlab5.mat', 'numpy5.mat', 'numpy_h5.mat'):
-        for i in (0, 4):
-            got = datasets.read_image(str(tmp_path / name), i)
-            assert got.dtype == np.uint8, name
-            np.testing.assert_array_equal(got, pattern_image(i, h, w), err_msg=name)
+# ===== orientation of an image array: by its shape, not by MATLAB's attribute =====
+
+def save_h5_images(path, stored, attribute):
+    """An IAll as another tool may re-save it: the given stored order, with or without
+    MATLAB's class attribute, no MATLAB header."""
+    with h5py.File(path, 'w') as f:
+        f['IAll'] = stored
+        if attribute:
+            f['IAll'].attrs['MATLAB_class'] = np.bytes_('uint8')
+
+
+@pytest.mark.parametrize('order', ['matlab (N, 3, W, H)', 'numpy (N, H, W, 3)'])
+@pytest.mark.parametrize('attribute', [True, False])
+def test_image_orientation_decided_by_the_array(tmp_path, order, attribute):
+    n, h, w = 12, 9, 7            # not square: a swap of height and width cannot pass
+    stack = np.stack([pattern_image(i, h, w) for i in range(n)])        # (N, H, W, 3)
+    stored = stack.transpose(0, 3, 2, 1) if order.startswith('matlab') else stack
+    save_h5_images(tmp_path / MIR_NAMES[0], np.ascontiguousarray(stored), attribute)
+    texts, labels = tiny_texts_labels(n, 5, 3)
+    save_v5(tmp_path / MIR_NAMES[1], {'YAll': texts})
+    save_v5(tmp_path / MIR_NAMES[2], {'LAll': labels})
+    for i in (0, 5, 11):
+        np.testing.assert_array_equal(datasets.read_image(str(tmp_path / MIR_NAMES[0]), i),
+                                      pattern_image(i, h, w))
+    for in_memory in (False, True):
+        data = datasets.load(config('MIRFlickr', tmp_path, IN_MEMORY=in_memory), verbose=False)
+        assert data.files[0][1].endswith(f"{n} images of {h} x {w} x 3 uint8")
+        for i in range(n):
+            np.testing.assert_array_equal(data.images[i], pattern_image(i, h, w))
+
+
+def test_image_array_in_no_known_order_is_refused():
+    """(N, H, 3, W): the colour axis neither next to the pairs nor at the other end."""
+    var = matfile.MatVar('odd.mat', 'IAll', 'v7.3', (12, 9, 3, 7), 'uint8')
+    with pytest.raises(settings.UserError, match='neither H x W x 3 x pairs nor'):
+        matfile.ImageLayout(var, 12)
+    assert matfile.ImageLayout(var, 7).n_axis == 3    # 12 x 9 x 3 x 7: MATLAB's order
 
 
 def test_wiki_lists_texts_labels_images(layouts):
@@ -97,7 +152,38 @@ def test_wiki_lists_texts_labels_images(layouts):
         assert img[:3, :, 0].mean() > 200 and img[-3:, :, 0].mean() < 50   # upright
         expected = os.path.join(folder, 'images', datasets.WIKI_CATEGORIES[cats[i]],
                                 names[i] + '.jpg')
-        np.testing.assert_array_equal(img, np.asarray(Image.open(expected).convert('RGB')))
+        np.testing.assert_array_equal(img, cv2.imread(expected)[..., ::-1])
+
+
+def wiki_jpeg(path, kind):
+    """A non-square picture saved as a grey, CMYK, progressive or EXIF-rotated JPEG."""
+    rng = np.random.default_rng(len(kind))
+    img = Image.fromarray((rng.random((30, 44, 3)) * 255).astype(np.uint8))
+    if kind == 'grey':
+        img.convert('L').save(path, quality=90)
+    elif kind == 'cmyk':
+        img.convert('CMYK').save(path, quality=90)
+    elif kind == 'progressive':
+        img.save(path, quality=90, progressive=True)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6          # "rotate 90 clockwise to display"
+        img.save(path, quality=90, exif=exif)
+
+
+@pytest.mark.parametrize('kind', ['grey', 'cmyk', 'progressive', 'exif_rotated'])
+def test_wiki_images_decode_as_opencv(tmp_path, kind):
+    path = str(tmp_path / f'{kind}.jpg')
+    wiki_jpeg(path, kind)
+    expected = cv2.imread(path)[..., ::-1]     # the authors: cv2.imread, then BGR -> RGB
+    images = datasets.FileImages([path])
+    np.testing.assert_array_equal(images[0], expected)
+    np.testing.assert_array_equal(np.asarray(images.pil(0)), expected)
+    assert images.pil(0).mode == 'RGB'
+    if kind == 'cmyk':   # where PIL's own decoding differs: the test can tell them apart
+        assert (np.asarray(Image.open(path).convert('RGB')) != expected).any()
+    if kind == 'exif_rotated':
+        assert expected.shape == (44, 30, 3)
 
 
 def test_in_memory_equals_lazy(layouts):
@@ -473,6 +559,49 @@ def test_suspicious_data_warns_with_counts(tmp_path, capsys):
     assert np.isfinite(data.texts).all() and not data.texts[4].any()
 
 
+@pytest.mark.parametrize('tagless', [1, 20])
+def test_nuswide_tagless_pairs_are_a_note_not_a_warning(tmp_path, capsys, tagless):
+    """DCMH's NUS-WIDE keeps a few thousand pairs with no tag (of 186,577): on that file the
+    check says so as information. Far more than that is still a warning."""
+    texts, labels = write_dcmh(tmp_path, NUS_NAMES, n=50, d=20, c=10, seed=1)
+    texts[:tagless] = 0
+    save_v5(tmp_path / NUS_NAMES[1], {'YAll': texts})
+    code, out, err = run_check(['DATASET=NUSWIDE', f'DATA_DIR={tmp_path}'], capsys)
+    assert code == 0, err
+    assert f'pairs with no label: 0; with no text: {tagless}' in out
+    note = f'note: {tagless} of 50 pairs have an all-zero text vector, as expected'
+    warning = f'warning: {tagless} of 50 pairs have an all-zero text vector'
+    assert (note in out, warning in out) == ((True, False) if tagless == 1 else (False, True))
+
+
+# ===== a bug of ours keeps its traceback; only a bad file is a one-line error =====
+
+def boom(*args, **kwargs):
+    raise ZeroDivisionError('a bug, not a bad file')
+
+
+@pytest.mark.parametrize('where', ['matfile.describe', 'matfile.read_var', 'H5Images',
+                                   'in_memory', 'wiki_opencv', 'wiki_pil'])
+def test_a_bug_is_not_reported_as_a_bad_file(layouts, monkeypatch, capsys, where):
+    dataset = 'Wiki' if where.startswith('wiki') else 'MIRFlickr'
+    argv = [f'DATASET={dataset}', f'DATA_DIR={layouts[dataset][0]}']
+    if where == 'matfile.describe':
+        monkeypatch.setattr(matfile.scipy.io, 'whosmat', boom)
+    elif where == 'matfile.read_var':
+        monkeypatch.setattr(matfile.scipy.io, 'loadmat', boom)
+    elif where in ('H5Images', 'in_memory'):
+        monkeypatch.setattr(matfile.ImageLayout, 'image', boom)
+        monkeypatch.setattr(matfile.ImageLayout, 'block', boom)
+        argv.append(f'IN_MEMORY={where == "in_memory"}')
+    elif where == 'wiki_opencv':
+        monkeypatch.setattr(cv2, 'imread', boom)
+    else:
+        monkeypatch.setattr(datasets.Image, 'open', boom)
+    with pytest.raises(ZeroDivisionError):      # not UserError, not SystemExit(2)
+        settings.run_cli(datasets.main, argv)
+    assert 'error:' not in capsys.readouterr().err
+
+
 # ===== DEMO =====
 
 def test_make_demo_layout_determinism_speed(tmp_path):
@@ -527,17 +656,68 @@ def test_load_generates_demo_on_first_use(tmp_path, capsys, monkeypatch):
 
 # ===== end to end through train.py =====
 
-@pytest.mark.parametrize('dataset', ['MIRFlickr', 'NUSWIDE', 'Wiki'])
-def test_train_end_to_end_on_each_layout(layouts, tmp_path, dataset):
+def train_briefly(dataset, data_dir, out_dir):
     import json
     import train
-    folder = layouts[dataset][0]
-    run_dir = train.main([f'DATASET={dataset}', f'DATA_DIR={str(folder)!r}', 'NUM_EPOCH=1',
+    run_dir = train.main([f'DATASET={dataset}', f'DATA_DIR={str(data_dir)!r}', 'NUM_EPOCH=1',
                           'BATCH_SIZE=8', 'CODE_LEN=16', "BACKBONE='alexnet'",
                           'PRETRAINED=False', 'RESIZE=72', 'CROP=64', 'NUM_WORKERS=0',
-                          f'OUT_DIR={str(tmp_path)!r}', 'EVAL_BATCH_SIZE=64', "DEVICE='cpu'"])
+                          f'OUT_DIR={str(out_dir)!r}', 'EVAL_BATCH_SIZE=64', "DEVICE='cpu'"])
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
     assert results['dataset'] == dataset and 0 <= results['map_i2t'] <= 1
     split = np.load(os.path.join(run_dir, 'split.npz'))
     assert not set(split['query']) & set(split['database'])
+    return run_dir
+
+
+@pytest.mark.parametrize('dataset', ['MIRFlickr', 'NUSWIDE', 'Wiki'])
+def test_train_end_to_end_on_each_layout(layouts, tmp_path, dataset):
+    train_briefly(dataset, layouts[dataset][0], tmp_path)
+
+
+@pytest.mark.parametrize('layout', sorted(set(PUBLISHED_LAYOUTS) - {'NUSWIDE flat'}))
+def test_train_on_each_published_folder_tree(tmp_path, layout):
+    """(The flat NUS-WIDE folder trains in test_train_end_to_end_on_each_layout.)"""
+    data_dir, dataset, _, _, _ = write_published(tmp_path, layout)
+    run_dir = train_briefly(dataset, data_dir, tmp_path / 'runs')
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        epochs = [line for line in f if '"loss"' in line]
+    assert len(epochs) == 1       # one epoch of 20 training pairs: 2 batches of 8
+
+
+# ===== the troubleshooting table of docs/data.md quotes what the code prints =====
+
+def code_messages():
+    """The project's source with implicitly concatenated string literals joined, so that a
+    message split over several lines of code reads as one line."""
+    text = ''
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith('.py'):
+            with open(os.path.join(ROOT, name), encoding='utf-8') as f:
+                text += f.read() + '\n'
+    return re.sub(r'''(["'])[ \t]*\n[ \t]*(?:[rbfRBF]{1,2})?\1''', '', text)
+
+
+def quoted(message, source):
+    """Whether the source can print `message`: its fixed parts in order on one line, where
+    '...' and '<word>' in the docs stand for anything."""
+    kind, _, rest = message.partition(': ')
+    assert kind in ('error', 'warning', 'note'), message
+    assert f'f"{kind}: {{' in source, kind          # run_cli / load / check print the prefix
+    parts = re.split(r'\.\.\.|<[^<>]*>', rest)
+    pattern = '.*?'.join(re.escape(part) for part in parts)
+    return re.search(pattern, source) is not None
+
+
+def test_docs_troubleshooting_quotes_messages_the_code_prints():
+    with open(os.path.join(ROOT, 'docs', 'data.md'), encoding='utf-8') as f:
+        docs = f.read()
+    section = docs[docs.index('## Troubleshooting'):]
+    messages = re.findall(r'^\| `((?:error|warning|note): [^`]+)` \|', section, re.M)
+    assert len(messages) >= 20
+    source = code_messages()
+    missing = [m for m in messages if not quoted(m, source)]
+    assert not missing, missing
+    # the check can fail: the text that an earlier README quoted is not printed any more
+    assert not quoted('error: ... mirflickr25k-iall.mat: no such file', source)

@@ -207,7 +207,7 @@ def nus_files():
             labels[concept][j] = 1
             if j % 3 == 0:
                 labels[FREQUENT[(j + 1) % 10]][j] = 1
-        if j not in (6, 7):
+        if j != 6:                     # one image with none of the 1,000 tags
             tags[j, [j * 7 % 1000, 999]] = 1
         if j == 9:
             files[f'Flickr/{concept}/{name}'] = b'not a jpeg at all'
@@ -226,13 +226,17 @@ def nus_files():
 def test_nuswide_from_raw(tmp_path, capsys):
     files, labels, tags = nus_files()
     write_tree(tmp_path / 'raw', files)
-    build(tmp_path / 'raw', tmp_path / 'out', dataset='NUSWIDE', WORKERS=1)
+    build(tmp_path / 'raw', tmp_path / 'out', dataset='NUSWIDE', WORKERS=1, SPLIT_SEED=7)
     printed = capsys.readouterr().out
-    kept = [j for j in range(M) if j not in (3, 4, 6, 7, 8, 9)]
+    assert 'split (SPLIT_SEED=7)' in printed    # the check after building used the settings
+    # dropped: 3 and 4 (no top-10 concept), 8 (no image), 9 (not a JPEG); 6 has no tag
+    # and is kept, as DCMH's files keep theirs
+    kept = [j for j in range(M) if j not in (3, 4, 8, 9)]
     names = sorted(FREQUENT)
     data = datasets.load(config('NUSWIDE', tmp_path / 'out'), verbose=False)
     np.testing.assert_array_equal(data.labels, np.stack([labels[c][kept] for c in names], 1))
     np.testing.assert_array_equal(data.texts, tags[kept])
+    assert not data.texts[kept.index(6)].any()
     with open(tmp_path / 'out' / 'nus-wide-tc10-ids.txt') as f:
         assert [int(line.split('\t')[0]) for line in f] == kept
     with open(tmp_path / 'out' / 'nus-wide-tc10-labels.txt') as f:
@@ -241,9 +245,12 @@ def test_nuswide_from_raw(tmp_path, capsys):
         assert f.read(10) == b'MATLAB 7.3'       # YAll is v7.3, as in the DCMH files
     img = data.images[0]
     assert img.shape == (32, 32, 3) and img[:8, :, 0].mean() > 200
+    assert ('38 images have one of the 10 concepts (DCMH\'s files: 186577); 1 of them have '
+            'none of the 1000 tags and are kept') in printed
     assert 'dropped 1 pairs whose image file is missing' in printed
     assert 'dropped 1 pairs whose image is not readable' in printed
-    assert 'passes the check' in printed
+    assert 'note: 1 of 36 pairs have an all-zero text vector, as expected' in printed
+    assert 'warning: 1 of 36' not in printed and 'passes the check' in printed
 
 
 # ===== bad input =====
@@ -269,8 +276,44 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
         ([f'RAW_DIR={str(tmp_path / "bad_list")!r}'], 'dog.txt line 2'),
         (['COLOUR=1'], 'unknown setting COLOUR'),
         (['SIZE=1.5'], 'SIZE'),
+        (['SIZE=0'], 'setting SIZE=0: expected a positive integer'),
+        (['WORKERS=-1'], 'WORKERS=-1'),
+        (['RAW_DIR=3'], "setting RAW_DIR=3: expected a str"),
+        (['SPLIT_SEED=0.5'], 'SPLIT_SEED'),            # a setting of settings.py, checked
+        (['DATASET=Flickr'], 'DATASET'),
     ]
     for argv, named in cases:
         code, err = run_prepare(['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path / "o")!r}']
                                 + argv, capsys)
         assert code == 2 and err.count('\n') == 1 and named in err, (argv, err)
+
+
+def test_prepare_settings_are_settings(capsys):
+    """prepare.py resolves its own keys and settings.py's through settings.resolve: one
+    namespace, the same type checks, and the unknown-key error lists both."""
+    cfg = prepare.resolve(['DATASET=NUSWIDE', 'raw_dir=downloads', 'SIZE=64', 'SPLIT_SEED=3'])
+    assert (cfg.DATASET, cfg.RAW_DIR, cfg.SIZE, cfg.SPLIT_SEED) == ('NUSWIDE', 'downloads', 64, 3)
+    assert cfg.DATA_DIR == settings.PRESETS['NUSWIDE']['DATA_DIR'] and cfg.BETA == 0.6
+    assert cfg.TOP_CONCEPTS == prepare.SETTINGS['TOP_CONCEPTS']
+    code, err = run_prepare(['COLOUR=1'], capsys)
+    assert code == 2 and 'RAW_DIR' in err and 'SPLIT_SEED' in err
+
+
+def boom(*args, **kwargs):
+    raise ZeroDivisionError('a bug, not a bad file')
+
+
+@pytest.mark.parametrize('where', ['decode', 'zip_read'])
+def test_a_bug_is_not_reported_as_a_bad_download(tmp_path, monkeypatch, where):
+    """Only what a bad image or a damaged zip raises becomes a one-line error (or a dropped
+    pair); our own bug keeps its traceback."""
+    images, annotations = mir_files()
+    write_zip(tmp_path / 'mirflickr25k.zip', images)
+    write_zip(tmp_path / 'mirflickr25k_annotations_v080.zip', annotations)
+    if where == 'decode':
+        monkeypatch.setattr(prepare.Image, 'open', boom)
+    else:
+        monkeypatch.setattr(zipfile.ZipFile, 'read', boom)
+    with pytest.raises(ZeroDivisionError):
+        settings.run_cli(prepare.main, ['DATASET=MIRFlickr', f'RAW_DIR={str(tmp_path)!r}',
+                                        f"DATA_DIR={str(tmp_path / 'out')!r}", 'WORKERS=1'])
