@@ -355,3 +355,32 @@ def test_ucch_file_too_small_for_its_split(tmp_path):
         scipy.io.savemat(tmp_path / name, {key: a})
     with pytest.raises(UserError, match='takes the last 2000 as queries'):
         datasets.load(config('MIRFlickr', tmp_path, PUBLISHED='UCCH'), verbose=False)
+
+
+# ===== reproduce.py: the features grid and the summary's UCCH column =====
+
+def test_features_grid_runs_on_ucch_files(tmp_path, capsys):
+    import reproduce
+    assert reproduce.main(['--table', 'features', '--seeds', '1', '--bits', '16',
+                           '--out-dir', str(tmp_path), '--dry-run']) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if 'would run' in l]
+    assert [l.split('DATASET=')[1].split()[0] for l in lines] == \
+        ['MIRFlickr', 'NUSWIDE', 'IAPR', 'MSCOCO']
+    assert all('PUBLISHED=UCCH' in l and '_ucch-features_16bit_' in l for l in lines)
+    with pytest.raises(UserError, match='run it alone'):
+        reproduce.main(['--table', 'features', '2', '--dry-run', '--out-dir', str(tmp_path)])
+
+
+def test_summary_puts_full_map_beside_ucch_numbers():
+    import reproduce
+    runs = [dict(dataset='MIRFlickr', variant='DJSRH', backbone='vgg19', code_len=128,
+                 seed=s, topk=50, map_i2t=0.8, map_t2i=0.7, map_all_i2t=0.70 + s / 100,
+                 map_all_t2i=0.69, image_features='UCCH', commit='abc') for s in (0, 1)]
+    rows = {(r['metric'], r['task']): r for r in reproduce.summary_rows(runs)}
+    full = rows[('mAP@all', 'I->T')]
+    assert full['ucch'] == 0.716 and full['paper'] is None and full['mean'] == pytest.approx(0.705)
+    assert full['backbone'] == 'UCCH features'
+    assert rows[('mAP@50', 'I->T')]['ucch'] is None
+    assert rows[('mAP@50', 'I->T')]['paper'] is None   # the paper's are on images
+    table = reproduce.markdown_table(list(rows.values()))
+    assert 'UCCH: DJSRH on features' in table.splitlines()[0] and '0.716' in table
