@@ -116,3 +116,33 @@ def test_partial_file_of_other_settings_is_not_resumed(tiny, uninterrupted, tmp_
 def test_refuses_to_extract_from_features(tiny):
     with pytest.raises(UserError, match='IMAGE_FEATURES'):
         extract.extract(settings_for(tiny, IMAGE_FEATURES='x.npy'))
+
+
+@pytest.mark.slow
+def test_demo_commands_extract_train_eval(tmp_path):
+    """The three DEMO commands of docs/features.md, as a user runs them; the trained run
+    beats its untrained evaluation in both directions."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = [f"DATA_DIR={str(tmp_path / 'demo')!r}", f"OUT_DIR={str(tmp_path / 'runs')!r}"]
+    def run(script, *args):
+        proc = subprocess.run([sys.executable, os.path.join(root, script), 'DATASET=DEMO',
+                               *common, *args], capture_output=True, text=True, cwd=root,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+    out = run('extract.py')
+    path = next(l.split(': ', 1)[1].split(' (')[0] for l in out.splitlines()
+                if l.startswith('features: '))
+    assert path.endswith('demo-alexnet-random-fc7-64px.npy')
+    out = run('train.py', f'IMAGE_FEATURES={path!r}')
+    run_dir = next(l.split(': ', 1)[1] for l in out.splitlines()
+                   if l.startswith('run directory: '))
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        results = json.load(f)
+    for direction in ('i2t', 't2i'):
+        assert results[f'map_{direction}'] > results[f'untrained_map_{direction}'] + 0.2
+    run('train.py', f'IMAGE_FEATURES={path!r}', 'EVAL=True')
+    with open(os.path.join(run_dir, 'eval.json')) as f:
+        assert json.load(f)['map_i2t'] == results['map_i2t']
