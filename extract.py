@@ -1,6 +1,6 @@
 """Extract the fc7 features of every pair's image, for the fixed-feature protocol.
 
-    python extract.py DATASET=MIRFlickr BACKBONE=vgg19     # -> data/mirflickr/mirflickr25k-vgg19-fc7.npy
+    python extract.py DATASET=MIRFlickr BACKBONE=vgg19   # data/mirflickr/mirflickr25k-vgg19-fc7.npy
     python extract.py DATASET=DEMO                         # random AlexNet, offline
     python train.py DATASET=MIRFlickr IMAGE_FEATURES=<the printed path>
 

@@ -18,6 +18,7 @@ import scipy.io
 
 import datasets
 import matfile
+import settings
 from settings import UserError
 
 CHECK_ROWS = 8192     # rows per block when scanning a memory-mapped file for NaN and Inf
@@ -142,8 +143,9 @@ def load(cfg, verbose=True):
         array = read_features(cfg.IMAGE_FEATURES, len(data.labels), 'IMAGE_FEATURES', 'XAll')
         data.images = FeatureRows(array, cfg.IMAGE_FEATURES)
         data.files.append((cfg.IMAGE_FEATURES, f"image features {fmt(array)}"))
-    if cfg.DATASET in ('IAPR', 'MSCOCO') and verbose:
-        print(f"{cfg.DATASET}: no DJSRH preset exists; using MIRFlickr's: BETA={cfg.BETA}, "
+    if cfg.DATASET in settings.BORROWED_PRESETS and verbose:
+        print(f"{cfg.DATASET}: no DJSRH preset exists; using "
+              f"{settings.BORROWED_PRESETS[cfg.DATASET]}'s: BETA={cfg.BETA}, "
               f"LAMBDA1={cfg.LAMBDA1}, LAMBDA2={cfg.LAMBDA2}, NUM_EPOCH={cfg.NUM_EPOCH}, "
               f"LR_IMG={cfg.LR_IMG}, LR_TXT={cfg.LR_TXT}")
     if np.asarray(data.images.array[:CHECK_ROWS]).min(initial=0) < 0:

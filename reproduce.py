@@ -374,7 +374,8 @@ def markdown_table(rows):
                  f"{row['mean']:.3f} ± {std} (n={row['n']})",
                  '-' if row['paper'] is None else f"{row['paper']:.3f}",
                  '-' if row['diff'] is None else f"{row['diff']:+.3f}",
-                 '-' if row['ucch'] is None else f"{row['ucch']:.3f}", row['metric'], row['backbone'], row['commit'],
+                 '-' if row['ucch'] is None else f"{row['ucch']:.3f}",
+                 row['metric'], row['backbone'], row['commit'],
                  format_duration(row['wall_time_s'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'

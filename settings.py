@@ -11,7 +11,8 @@ import sys
 import types
 
 # ===== data =====
-DATASET = 'MIRFlickr'    # 'MIRFlickr' | 'NUSWIDE' | 'Wiki' | 'DEMO' | 'IAPR' | 'MSCOCO' (preset first)
+DATASET = 'MIRFlickr'    # 'MIRFlickr' | 'NUSWIDE' | 'Wiki' | 'DEMO' (its preset applies first);
+                         # 'IAPR' | 'MSCOCO' on UCCH's feature files only (PUBLISHED='UCCH')
 DATA_DIR = ''            # folder with the dataset's files; '' = the preset's default folder
 SPLIT_SEED = 0           # seeds the query/train/database split; separate from SEED
 IN_MEMORY = False        # hold the whole IAll in RAM as uint8 (MIRFlickr: ~3 GB); never NUS-WIDE
@@ -130,8 +131,8 @@ class UserError(Exception):
 def defaults():
     """The constants of this module as a dict (UPPER_CASE names only)."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
-                                         'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS')}
+            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE')
+            and k not in ('BORROWED_PRESETS', 'PUBLISHED_LAYOUTS')}
 
 
 def parse_overrides(argv):
