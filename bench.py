@@ -3,6 +3,10 @@
 - bench_train: train.py's epoch loop in pairs/s beside the floor of the same arithmetic
   (`train.Session.train_step` on a batch already on the device), for the settings given as
   KEY=VALUE (default: the DEMO preset), with the peak memory of each.
+- bench_full_map, bench_feature_train, bench_extract: the fixed-feature protocol
+  (docs/features.md): full mAP at NUS-WIDE size against mAP@50 in the same run and against
+  the per-query loop; seconds per epoch of training on MIRFlickr-sized features beside its
+  floor; extract.py's images per second and peak memory as N grows.
 - bench_eval: metric.calculate_top_map (mAP@50) at NUS-WIDE size (2,000 queries x 184,577
   database items, 128 bits, 10 labels; random codes and labels from a fixed seed) against a
   plain per-query loop with a stable sort, the way evaluation code in this field is usually
@@ -195,6 +199,129 @@ def print_train(r):
     print(f"ratio  {r['ratio']:.1%} of the floor")
 
 
+# ===== full mAP (the fixed-feature protocol's number) =====
+def bench_full_map(n_query=2000, n_db=184577, nbits=128, n_labels=10, topk=50, repeats=3,
+                   loop_queries=50, seed=0):
+    """metric.calculate_map against mAP@topk in the same run, and against the per-query
+    loop over the whole ranking (map_loop with topk = the database) on some queries."""
+    q_codes, db_codes, q_labels, db_labels = random_task(n_query, n_db, nbits, n_labels, seed)
+    cpu = torch.device('cpu')
+    out = dict(n_query=n_query, n_db=n_db, nbits=nbits, topk=topk, repeats=repeats,
+               loop_queries=min(loop_queries, n_query))
+    _, top_s, _, _ = measure(lambda: metric.calculate_top_map(
+        q_codes, db_codes, q_labels, db_labels, topk), repeats, cpu)
+    out['full_map'], full_s, _, out['full_peak_bytes'] = measure(lambda: metric.calculate_map(
+        q_codes, db_codes, q_labels, db_labels), repeats, cpu)
+    out['top_s'], out['full_s'] = statistics.median(top_s), statistics.median(full_s)
+    n = out['loop_queries']
+    out['loop_map'], loop_s, _, _ = measure(lambda: map_loop(
+        q_codes[:n], db_codes, q_labels[:n], db_labels, n_db), 1, cpu)
+    out['loop_s'] = loop_s[0] * n_query / n
+    out['difference'] = abs(metric.calculate_map(q_codes[:n], db_codes, q_labels[:n],
+                                                 db_labels) - out['loop_map'])
+    return out
+
+
+def print_full_map(r):
+    print(f"== full mAP: {r['n_query']} queries x {r['n_db']} database, {r['nbits']} bits ==")
+    print(f"calculate_map (counting sort per query): median {r['full_s']:.2f} s, mAP "
+          f"{r['full_map']:.6f}, peak memory +{r['full_peak_bytes'] / 2 ** 20:.0f} MiB; "
+          f"mAP@{r['topk']} in the same run: {r['top_s']:.2f} s; ratio "
+          f"{r['full_s'] / r['top_s']:.1f}x (target: at most 5x)")
+    print(f"loop  per query, whole stable argsort: {r['loop_s']:.0f} s (timed on "
+          f"{r['loop_queries']} queries, scaled); difference on those queries "
+          f"{r['difference']:.1e}")
+
+
+# ===== training on stored features =====
+def feature_data(n_pairs=20015, n_train=5000, n_query=2000, img_dim=4096, txt_dim=1386,
+                 n_labels=24, seed=0):
+    """MIRFlickr-sized data on features, in memory: non-negative image features (like fc7
+    after ReLU), sparse 0/1 tags, multi-labels; query 2000, train 5000, database the rest."""
+    import datasets
+    import features
+    rng = np.random.default_rng(seed)
+    images = np.maximum(rng.standard_normal((n_pairs, img_dim), np.float32), 0)
+    texts = (rng.random((n_pairs, txt_dim)) < 0.005).astype(np.float32)
+    labels = (rng.random((n_pairs, n_labels)) < 0.15).astype(np.uint8)
+    order = rng.permutation(n_pairs)
+    query, database = np.sort(order[:n_query]), np.sort(order[n_query:])
+    return datasets.Data('MIRFlickr', texts, labels, features.FeatureRows(images, 'bench'),
+                         query, database[:n_train], database, [], [])
+
+
+def bench_feature_train(cfg, epochs=2, steps=20):
+    """Seconds per epoch of Session.train on features beside the floor (train_step on one
+    batch already in memory, times the batches of an epoch), and one evaluation."""
+    import train
+    data = feature_data()
+    session = train.Session(cfg, data)
+    batches = len(data.train) // cfg.BATCH_SIZE
+    x = torch.from_numpy(data.images.rows(data.train[:cfg.BATCH_SIZE])).to(session.device)
+    t = torch.from_numpy(data.texts[data.train[:cfg.BATCH_SIZE]]).to(session.device)
+    session.img_net.train()
+    session.txt_net.train()
+    session.train_step(x, t)   # warm-up
+    _, step_s, _, _ = measure(lambda: session.train_step(x, t), steps, session.device)
+    out = dict(batches=batches, hidden=cfg.FEATURE_HIDDEN, code_len=cfg.CODE_LEN,
+               floor_epoch_s=statistics.median(step_s) * batches, device=str(session.device))
+    times = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        session.train(epoch)
+        times.append(time.perf_counter() - start)
+    out['epoch_s'] = statistics.median(times)
+    start = time.perf_counter()
+    result, _ = session.eval()
+    out['eval_s'] = time.perf_counter() - start
+    out['map_all'] = result['map_all_i2t']
+    n_evals = len({*range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL),
+                   cfg.NUM_EPOCH})
+    out['run_s'] = cfg.NUM_EPOCH * out['epoch_s'] + n_evals * out['eval_s']
+    out['num_epoch'], out['n_evals'] = cfg.NUM_EPOCH, n_evals
+    return out
+
+
+def print_feature_train(r):
+    print(f"== training on features: 5000 pairs x (4096-d image, 1386-d text), "
+          f"{r['code_len']} bits, image MLP hidden {r['hidden']}, on {r['device']} ==")
+    print(f"epoch  Session.train: median {r['epoch_s']:.2f} s ({r['batches']} batches); floor "
+          f"(train_step x {r['batches']} on one batch in memory): {r['floor_epoch_s']:.2f} s; "
+          f"target: at most 2 s")
+    print(f"eval   2000 x 18015, mAP@50 and full mAP both ways: {r['eval_s']:.1f} s")
+    print(f"run    {r['num_epoch']} epochs + {r['n_evals']} evaluations: "
+          f"{r['run_s'] / 60:.1f} min (target: under 4 min); 36 such runs (Table 2's grid, "
+          f"MIRFlickr-sized): {36 * r['run_s'] / 3600:.1f} h (target: under 3 h)")
+
+
+# ===== extraction =====
+def bench_extract(sizes=(128, 512), backbone='alexnet', crop=224):
+    """Images per second of extract.py (random weights, one process) and its peak memory
+    for growing N: the rows go to disk as they come, so the peak should not grow."""
+    import tempfile
+    import datasets
+    import extract
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            folder = os.path.join(tmp, f'n{n}')
+            datasets.make_demo(folder, n_pairs=n)
+            cfg = settings.resolve(['DATASET=DEMO', f'DATA_DIR={folder!r}',
+                                    f'BACKBONE={backbone!r}', 'PRETRAINED=False',
+                                    f'CROP={crop}', f'RESIZE={max(crop, 256)}',
+                                    'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64'])
+            _, wall, _, peak = measure(lambda: extract.extract(cfg), 1, torch.device('cpu'))
+            out.append(dict(n=n, images_per_s=n / wall[0], peak_bytes=peak))
+    return dict(backbone=backbone, crop=crop, runs=out)
+
+
+def print_extract(r):
+    print(f"== extraction: {r['backbone']} fc7 at {r['crop']} px, random weights, CPU ==")
+    for run in r['runs']:
+        print(f"N={run['n']}: {run['images_per_s']:.1f} images/s, peak memory "
+              f"+{run['peak_bytes'] / 2 ** 20:.0f} MiB")
+
+
 # ===== machine and entry point =====
 def machine():
     """One line: CPU model, cores torch uses, GPU if any, and the load average."""
@@ -220,7 +347,8 @@ def main(argv=None):
     parser.add_argument('--loop-queries', type=int, default=200,
                         help="queries the per-query loop is timed on (then scaled)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--part', choices=('all', 'eval', 'train'), default='all')
+    parser.add_argument('--part', choices=('all', 'eval', 'train', 'map_all', 'features',
+                                           'extract'), default='all')
     parser.add_argument('--steps', type=int, default=8, help="timed steps of the floor")
     parser.add_argument('--epochs', type=int, default=1, help="timed epochs of train.py's loop")
     parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
@@ -234,6 +362,15 @@ def main(argv=None):
     if args.part in ('all', 'train'):
         cfg = settings.resolve(['DATASET=DEMO', *args.overrides])
         print_train(bench_train(cfg, args.steps, args.epochs))
+    if args.part in ('all', 'map_all'):
+        print_full_map(bench_full_map(args.queries, args.database, args.bits, topk=args.topk,
+                                      repeats=args.repeats))
+    if args.part in ('all', 'features'):
+        cfg = settings.resolve(['DATASET=MIRFlickr', 'IMAGE_FEATURES="(in memory)"',
+                                'DEVICE="cpu"', *args.overrides])
+        print_feature_train(bench_feature_train(cfg, args.epochs))
+    if args.part in ('all', 'extract'):
+        print_extract(bench_extract())
     print(machine())  # the load average again: did it change during the run?
 
 

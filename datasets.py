@@ -239,10 +239,13 @@ def load(cfg, generate=True, verbose=True):
             os.path.isfile(os.path.join(data_dir, name)) for name in DCMH_FILES['DEMO']):
         print(f"DEMO: generating {DEMO_PAIRS} pairs in {data_dir} (first use)")
         make_demo(data_dir, DEMO_PAIRS)
-    if not os.path.isdir(data_dir):
+    if settings.uses_image_features(cfg):  # stored features (features.py): no image is read
+        import features
+        data = features.load(cfg, verbose)
+    elif not os.path.isdir(data_dir):
         raise UserError(f"setting DATA_DIR={data_dir!r}: no such folder; expected the folder "
                         f"holding the {cfg.DATASET} files ({', '.join(expected_files(cfg))})")
-    if cfg.DATASET == 'Wiki':
+    elif cfg.DATASET == 'Wiki':
         data = load_wiki(data_dir)
     else:
         data = load_dcmh(cfg.DATASET, data_dir, cfg.IN_MEMORY)
@@ -254,6 +257,9 @@ def load(cfg, generate=True, verbose=True):
                                  f"split (query {SCALED_QUERY:.0%}, train {SCALED_TRAIN:.0%})")
         data.query, data.train, data.database = split_indices(data.labels, cfg.DATASET,
                                                               cfg.SPLIT_SEED)
+    if cfg.TEXT_FEATURES:
+        import features
+        features.apply_text_features(cfg, data)
     data.warnings += suspicious(data)
     data.notes = notes_on(data)
     if verbose:
@@ -364,8 +370,9 @@ def read_wiki_list(path, n_categories=len(WIKI_CATEGORIES)):
     return names, np.array(cats, np.int64)
 
 
-def load_wiki(data_dir):
-    """Wiki: the given lists (query = test, database = train = train), one image a file."""
+def load_wiki(data_dir, need_images=True):
+    """Wiki: the given lists (query = test, database = train = train), one image a file
+    (need_images=False: on stored features, the image files need not exist)."""
     parts = []
     for list_name, key in zip(WIKI_LISTS, ('T_tr', 'T_te')):
         names, cats = read_wiki_list(os.path.join(data_dir, list_name))
@@ -389,7 +396,7 @@ def load_wiki(data_dir):
     labels = np.eye(len(WIKI_CATEGORIES), dtype=np.uint8)[cats]
     paths = [os.path.join(data_dir, WIKI_IMAGES, WIKI_CATEGORIES[c], name + '.jpg')
              for name, c in zip(names, cats)]
-    for path in paths:  # a missing image is named now, not in a worker mid-epoch
+    for path in paths if need_images else ():  # named now, not in a worker mid-epoch
         if not os.path.isfile(path):
             raise UserError(f"missing file {path}: expected the image named in the list files")
     n_train = len(parts[0][0])
@@ -545,6 +552,9 @@ def make_loader(data, part, cfg, generator=None):
     import torch
     if part not in ('train', 'query', 'database'):
         raise ValueError(f"make_loader: part must be 'train', 'query' or 'database', not {part!r}")
+    if getattr(data.images, 'is_features', False):  # stored features: batches by index
+        import features
+        return features.make_loader(data, part, cfg, generator)
     train = part == 'train'
     indices = getattr(data, part)
     if train and len(indices) < cfg.BATCH_SIZE:
@@ -701,6 +711,8 @@ def check(cfg):
 def check_images(data):
     """Read some images (all of Wiki's): a truncated IAll fails here, not mid-epoch."""
     images = data.images
+    if getattr(images, 'is_features', False):   # stored features: checked when loaded
+        return
     n = len(images)
     which = range(n) if isinstance(images, FileImages) else sorted({0, n // 2, n - 1})
     for i in which:

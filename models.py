@@ -2,6 +2,7 @@
 
 ImgNet: an ImageNet CNN trunk up to fc7 (4096-d, after its ReLU) and a new linear hash layer.
 TxtNet: Linear(d_T, 4096) -> ReLU -> Linear(4096, d).
+FeatureImgNet: ImgNet on stored fc7 features, an MLP (docs/features.md).
 Both return (features, H, B) with B = tanh(alpha * H), alpha = sqrt(epoch + 1) for the
 0-based epoch (the authors' `set_alpha`), so alpha = sqrt(t) for the 1-based epoch t.
 """
@@ -113,6 +114,60 @@ class ImgNet(nn.Module):
     def head_parameters(self):
         """fc6, fc7 and the hash layer: what Wiki trains (TRAIN_ALL_IMG=False)."""
         return list(self.classifier.parameters()) + list(self.hash.parameters())
+
+
+class FeatureImgNet(nn.Module):
+    """The image network on stored features (IMAGE_FEATURES, PUBLISHED): the same interface
+    as ImgNet. The features are the frozen CNN's fc7 already, so fc7(x) is x itself, and the
+    trained part is an MLP: Linear(d, hidden) -> ReLU -> Dropout(0.5) -> hash layer, the
+    image network of DGCPN's code (the DJSRH code base run on VGG-19 fc7 features)."""
+
+    def __init__(self, feat_dim, code_len=64, hidden=4096):
+        super().__init__()
+        self.features = nn.Sequential()   # no trunk: nothing to freeze (TRAIN_ALL_IMG=False)
+        if hidden:
+            self.classifier = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(inplace=True),
+                                            nn.Dropout(0.5))
+        else:  # FEATURE_HIDDEN=0: the hash layer right on fc7, as in ImgNet
+            self.classifier = nn.Sequential()
+        self.hash = nn.Linear(hidden or feat_dim, code_len)
+        self.alpha = 1.0
+
+    def set_alpha(self, epoch):
+        self.alpha = math.sqrt(epoch + 1.0)
+
+    def fc7(self, x):
+        return x.float()
+
+    def forward(self, x):
+        feat = self.classifier(x.float())
+        hid = self.hash(feat)
+        return feat, hid, torch.tanh(self.alpha * hid)
+
+    def frozen_copy(self):
+        """The feature network for S_I: the stored features as they are."""
+        return StoredFeatures()
+
+    def head_parameters(self):
+        return list(self.parameters())
+
+
+class StoredFeatures(nn.Module):
+    """FeatNet_I on stored features: fc7(x) = x."""
+
+    def fc7(self, x):
+        return x.float()
+
+
+def check_shapes(path, what, net, saved):
+    """A checkpoint's weights fit `net` (the features may have changed width since)."""
+    for key, now in net.state_dict().items():
+        then = saved.get(key)
+        if then is not None and tuple(then.shape) != tuple(now.shape):
+            raise UserError(f"checkpoint {path}: {key} of the {what} is "
+                            f"{tuple(then.shape)} in it but {tuple(now.shape)} for the data now "
+                            f"(the features changed width?); use the data it was trained on, "
+                            f"or RESUME=False")
 
 
 class TxtNet(nn.Module):

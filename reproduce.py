@@ -46,6 +46,16 @@ PAPER_TABLE1 = {
     'DJSRH': (0.798, 0.771, 0.817, 0.789),
     'DJSRH-6': (0.786, 0.770, 0.811, 0.782),
 }
+# DJSRH in the fixed-feature protocol, as UCCH's README and paper (Hu et al., TPAMI 2022)
+# report it: VGG-19 fc7 features, full mAP (UCCH's evaluation: mAP over the whole retrieval
+# set, Hamming ranking), UCCH's split (the files' last 2,000 / 2,100 / 2,000 / 5,000 rows
+# as queries, the rest as retrieval and training set). (dataset) -> {direction: values}
+UCCH_DJSRH = {
+    'MIRFlickr': {'i2t': (0.652, 0.697, 0.700, 0.716), 't2i': (0.662, 0.691, 0.683, 0.695)},
+    'NUSWIDE': {'i2t': (0.502, 0.538, 0.527, 0.556), 't2i': (0.465, 0.532, 0.538, 0.545)},
+    'IAPR': {'i2t': (0.409, 0.412, 0.470, 0.480), 't2i': (0.418, 0.436, 0.467, 0.478)},
+    'MSCOCO': {'i2t': (0.501, 0.563, 0.595, 0.615), 't2i': (0.494, 0.569, 0.604, 0.622)},
+}
 DIRECTIONS = ('i2t', 't2i')
 DIRECTION_NAMES = {'i2t': 'I->T', 't2i': 'T->I'}
 
@@ -71,6 +81,8 @@ TABLES = {
     '2': dict(datasets=('Wiki', 'MIRFlickr', 'NUSWIDE'), variants=('DJSRH',), bits=BITS),
     '1': dict(datasets=('NUSWIDE',), variants=tuple(settings.VARIANTS), bits=(64, 128)),
     'demo': dict(datasets=('DEMO',), variants=('DJSRH',), bits=(16, 32)),
+    # the fixed-feature protocol on UCCH's files (docs/features.md)
+    'features': dict(datasets=tuple(UCCH_DJSRH), variants=('DJSRH',), bits=BITS),
 }
 # The grid sets these itself, one value per cell; a KEY=VALUE for them would be ambiguous.
 GRID_KEYS = ('DATASET', 'VARIANT', 'CODE_LEN', 'SEED', 'OUT_DIR', 'RUN_NAME')
@@ -193,6 +205,12 @@ def cell_label(cell):
 def run_grid(args):
     extra = list(args.overrides)
     given = settings.parse_overrides(extra)
+    if 'features' in args.table:
+        if len(args.table) > 1:
+            raise settings.UserError("--table features: run it alone (its cells share names "
+                                     "with Table 2's)")
+        if not ({'PUBLISHED', 'IMAGE_FEATURES'} & set(given)):
+            extra = ['PUBLISHED=UCCH', *extra]   # UCCH's files, as its numbers were made
     clash = sorted(set(given) & set(GRID_KEYS))
     if clash:
         raise settings.UserError(f"setting {', '.join(clash)} is set by the grid; use "
@@ -287,7 +305,7 @@ def mean_std(values):
 def sort_key(key):
     """Datasets in the paper's order, variants in Table 1's order, then bits and direction."""
     dataset, variant, backbone, topk, bits, direction = key
-    datasets = ['Wiki', 'MIRFlickr', 'NUSWIDE', 'DEMO']
+    datasets = ['Wiki', 'MIRFlickr', 'NUSWIDE', 'IAPR', 'MSCOCO', 'DEMO']
     variants = list(settings.VARIANTS)
     return (datasets.index(dataset) if dataset in datasets else len(datasets), dataset,
             variants.index(variant) if variant in variants else len(variants), variant,
@@ -295,28 +313,49 @@ def sort_key(key):
 
 
 def summary_rows(results):
-    """One row per (dataset, variant, backbone, topk, bits, direction) over the seeds."""
+    """One row per (dataset, variant, image side, metric, bits, direction) over the seeds.
+    Runs that recorded full mAP get mAP@all rows beside their mAP@TOPK rows."""
     groups = {}
     for r in results:
-        for direction in DIRECTIONS:
-            key = (r['dataset'], r.get('variant', 'DJSRH'), r.get('backbone', '?'),
-                   r.get('topk', 50), r['code_len'], direction)
-            groups.setdefault(key, []).append(r)
+        metrics = [f"mAP@{r.get('topk', 50)}"]
+        if r.get('map_all_i2t') is not None:
+            metrics.append('mAP@all')
+        for name in metrics:
+            for direction in DIRECTIONS:
+                key = (r['dataset'], r.get('variant', 'DJSRH'), image_side(r), name,
+                       r['code_len'], direction)
+                groups.setdefault(key, []).append(r)
     rows = []
     for key in sorted(groups, key=sort_key):
-        dataset, variant, backbone, topk, bits, direction = key
+        dataset, variant, side, name, bits, direction = key
         runs = groups[key]
-        mean, std = mean_std([r[f'map_{direction}'] for r in runs])
-        # The paper's numbers are mAP@50: no comparison for another TOPK.
-        paper = PAPER.get((dataset, variant, bits, direction)) if topk == 50 else None
+        value = f"map_all_{direction}" if name == 'mAP@all' else f"map_{direction}"
+        mean, std = mean_std([r[value] for r in runs])
+        on_features = bool(runs[0].get('image_features'))
+        # The paper's numbers are mAP@50 on images; UCCH's are full mAP on features.
+        paper = PAPER.get((dataset, variant, bits, direction)) \
+            if name == 'mAP@50' and not on_features else None
+        ucch = UCCH_DJSRH.get(dataset, {}).get(direction) \
+            if name == 'mAP@all' and on_features and variant == 'DJSRH' and bits in BITS \
+            else None
         walls = [r['wall_time_s'] for r in runs if r.get('wall_time_s') is not None]
         rows.append(dict(
             dataset=dataset, variant=variant, bits=bits, task=DIRECTION_NAMES[direction],
-            metric=f'mAP@{topk}', n=len(runs), mean=mean, std=std, paper=paper,
-            diff=None if paper is None else mean - paper, backbone=backbone,
+            metric=name, n=len(runs), mean=mean, std=std, paper=paper,
+            diff=None if paper is None else mean - paper,
+            ucch=None if ucch is None else ucch[BITS.index(bits)], backbone=side,
             commit=commits(runs), wall_time_s=statistics.fmean(walls) if walls else None,
             seeds=' '.join(str(s) for s in sorted(r.get('seed', '?') for r in runs))))
     return rows
+
+
+def image_side(results):
+    """The backbone on images; on stored features, where the features came from."""
+    source = results.get('image_features')
+    if not source:
+        return results.get('backbone', '?')
+    return f"{source} features" if source in settings.PUBLISHED_LAYOUTS else \
+        f"features {Path(source).name}"
 
 
 def commits(runs):
@@ -327,7 +366,7 @@ def commits(runs):
 
 def markdown_table(rows):
     header = ['dataset', 'variant', 'bits', 'task', 'ours: mean ± std (n)', 'paper', 'diff',
-              'metric', 'backbone', 'commit', 'wall time / run']
+              'UCCH: DJSRH on features', 'metric', 'backbone', 'commit', 'wall time / run']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for row in rows:
         std = '-' if row['std'] is None else f"{row['std']:.3f}"
@@ -335,6 +374,7 @@ def markdown_table(rows):
                  f"{row['mean']:.3f} ± {std} (n={row['n']})",
                  '-' if row['paper'] is None else f"{row['paper']:.3f}",
                  '-' if row['diff'] is None else f"{row['diff']:+.3f}",
+                 '-' if row['ucch'] is None else f"{row['ucch']:.3f}",
                  row['metric'], row['backbone'], row['commit'],
                  format_duration(row['wall_time_s'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -358,7 +398,9 @@ def summarize(args):
         raise settings.UserError(f"{runs_dir}: no results.json found under it")
     prefix = Path(args.out) if args.out else runs_dir / 'summary'
     note = ('ours: mAP over seeds, mean ± sample standard deviation (ddof=1; "-" for one '
-            "run); paper: the paper's Tables 1 and 2 (mAP@50); diff = ours - paper; "
+            "run); paper: the paper's Tables 1 and 2 (mAP@50, images); UCCH: DJSRH on VGG-19 "
+            "fc7 features as UCCH's README and paper report it (full mAP, UCCH's split); "
+            "diff = ours - paper; "
             'wall time: mean per run.\n')
     text = markdown_table(rows)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -377,10 +419,12 @@ def run_parser():
     p = argparse.ArgumentParser(
         prog='reproduce.py', description='Run a grid of train.py cells (resumable). '
         'See also: reproduce.py summary RUNS_DIR.')
-    p.add_argument('--table', nargs='+', choices=['2', '1', 'demo'],
+    p.add_argument('--table', nargs='+', choices=['2', '1', 'demo', 'features'],
                    help="which grid: '2' (datasets x bits), '1' (NUS-WIDE ablation), "
-                        "'demo' (DEMO x 16, 32 bits); default: 2 then 1, or 2 alone "
-                        "when --datasets, --variants or --bits is given")
+                        "'demo' (DEMO x 16, 32 bits), 'features' (UCCH's feature files of "
+                        "MIRFlickr, NUS-WIDE, IAPR TC-12, MS-COCO x bits; PUBLISHED=UCCH "
+                        "unless given); default: 2 then 1, or 2 alone when --datasets, "
+                        "--variants or --bits is given")
     p.add_argument('--datasets', nargs='+', choices=list(settings.PRESETS),
                    help="these datasets instead of the table's")
     p.add_argument('--variants', nargs='+', choices=list(settings.VARIANTS),

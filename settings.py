@@ -6,17 +6,27 @@ the constants here, then the preset of DATASET (PRESETS), then the ablation VARI
 returns a namespace; importing this module reads no file and no command line.
 """
 import ast
+import os
 import sys
 import types
 
 # ===== data =====
-DATASET = 'MIRFlickr'    # 'MIRFlickr' | 'NUSWIDE' | 'Wiki' | 'DEMO' (its preset applies first)
+DATASET = 'MIRFlickr'    # 'MIRFlickr' | 'NUSWIDE' | 'Wiki' | 'DEMO' (its preset applies first);
+                         # 'IAPR' | 'MSCOCO' on UCCH's feature files only (PUBLISHED='UCCH')
 DATA_DIR = ''            # folder with the dataset's files; '' = the preset's default folder
 SPLIT_SEED = 0           # seeds the query/train/database split; separate from SEED
 IN_MEMORY = False        # hold the whole IAll in RAM as uint8 (MIRFlickr: ~3 GB); never NUS-WIDE
 NUM_WORKERS = 2          # DataLoader worker processes (0 = load in the main process)
 RESIZE = 256             # images are resized to RESIZE, then cropped to CROP (authors: 256, 224)
 CROP = 224
+# ----- the fixed-feature protocol (docs/features.md) -----
+IMAGE_FEATURES = ''      # an N x d file of image features, row i = pair i (extract.py writes one):
+                         # the image side becomes an MLP on it; '' = the CNN on the images
+TEXT_FEATURES = ''       # an N x d file replacing the text vectors (e.g. sentence embeddings)
+PUBLISHED = ''           # 'UCCH' | 'DGCPN': DATA_DIR holds that project's feature files; their
+                         # features, texts, labels and split are used as given
+FEATURE_HIDDEN = 4096    # the image MLP on features: Linear(d, 4096), ReLU, Dropout, hash layer
+                         # (DGCPN's); 0 = the hash layer alone on the features
 
 # ===== method (paper section 3) =====
 VARIANT = 'DJSRH'        # ablation row of the paper's Table 1 (see VARIANTS)
@@ -74,7 +84,19 @@ PRESETS = {
                  RESIZE=72, CROP=64, BETA=0.5, LAMBDA1=0.1, LAMBDA2=0.1,
                  NUM_EPOCH=6, LR_IMG=0.01, LR_TXT=0.01, EVAL_INTERVAL=6,
                  EVAL_UNTRAINED=True, CODE_LEN=32),
+    # No DJSRH preset exists for these two (the paper never used them); they take MIRFlickr's
+    # values: multi-label photo collections with tag / caption text, like MIRFlickr. Only
+    # as feature files (PUBLISHED='UCCH').
+    'IAPR': dict(DATA_DIR='data/iapr', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
+                 NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
+    'MSCOCO': dict(DATA_DIR='data/mscoco', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
+                   NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
 }
+# Datasets without a preset of the authors (printed when used) and the published feature
+# layouts that hold each dataset.
+BORROWED_PRESETS = {'IAPR': 'MIRFlickr', 'MSCOCO': 'MIRFlickr'}
+PUBLISHED_LAYOUTS = {'UCCH': ('MIRFlickr', 'NUSWIDE', 'IAPR', 'MSCOCO'),
+                     'DGCPN': ('MIRFlickr', 'NUSWIDE')}
 
 # The paper's Table 1. Each row adds to the one above; before DJSRH-4, eta = 0, mu = 1 and
 # lambda = 0. 'preset' stands for the dataset's own beta or lambda.
@@ -109,7 +131,8 @@ class UserError(Exception):
 def defaults():
     """The constants of this module as a dict (UPPER_CASE names only)."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE')}
+            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE')
+            and k not in ('BORROWED_PRESETS', 'PUBLISHED_LAYOUTS')}
 
 
 def parse_overrides(argv):
@@ -182,11 +205,45 @@ def validate(cfg):
     need(cfg['RESIZE'] >= cfg['CROP'], 'RESIZE', f"at least CROP={cfg['CROP']}")
     need(cfg['DEVICE'] in ('', 'cpu') or cfg['DEVICE'].startswith('cuda'), 'DEVICE',
          "'', 'cpu' or 'cuda[:N]'")
+    validate_features(cfg, need)
+
+
+def validate_features(cfg, need):
+    """The fixed-feature settings (docs/features.md)."""
+    layouts = PUBLISHED_LAYOUTS.get(cfg['PUBLISHED'], ())
+    need(cfg['PUBLISHED'] in ('', *PUBLISHED_LAYOUTS), 'PUBLISHED',
+         f"'' or one of {', '.join(PUBLISHED_LAYOUTS)}")
+    need(not cfg['PUBLISHED'] or cfg['DATASET'] in layouts, 'PUBLISHED',
+         f"a layout that holds DATASET={cfg['DATASET']!r} ({cfg['PUBLISHED']} has "
+         f"{', '.join(layouts)})")
+    need(not (cfg['PUBLISHED'] and cfg['IMAGE_FEATURES']), 'IMAGE_FEATURES',
+         f"'' with PUBLISHED={cfg['PUBLISHED']!r} (the image features come from its files)")
+    need(cfg['DATASET'] not in BORROWED_PRESETS or cfg['PUBLISHED'], 'PUBLISHED',
+         f"'UCCH' for DATASET={cfg['DATASET']!r} (it exists here only as UCCH's feature files)")
+    need(cfg['FEATURE_HIDDEN'] >= 0, 'FEATURE_HIDDEN', "an integer of at least 0")
+
+
+def uses_image_features(cfg):
+    """True when the image side trains on stored features instead of images."""
+    return bool(cfg.IMAGE_FEATURES or cfg.PUBLISHED)
 
 
 def default_run_name(cfg):
     """The run directory's name when RUN_NAME is '' (train.py and reproduce.py share it)."""
-    return f"{cfg.DATASET}_{cfg.VARIANT}_{cfg.BACKBONE}_{cfg.CODE_LEN}bit_seed{cfg.SEED}"
+    return f"{cfg.DATASET}_{cfg.VARIANT}_{feature_tag(cfg)}_{cfg.CODE_LEN}bit_seed{cfg.SEED}"
+
+
+def feature_tag(cfg):
+    """What the image (and text) side reads, for run names: the backbone on images, else the
+    published layout or the feature file's name."""
+    tag = cfg.BACKBONE
+    if cfg.PUBLISHED:
+        tag = f"{cfg.PUBLISHED.lower()}-features"
+    elif cfg.IMAGE_FEATURES:
+        tag = f"features-{os.path.splitext(os.path.basename(cfg.IMAGE_FEATURES))[0]}"
+    if cfg.TEXT_FEATURES:
+        tag += f"-text-{os.path.splitext(os.path.basename(cfg.TEXT_FEATURES))[0]}"
+    return tag
 
 
 def run_cli(main, argv):

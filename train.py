@@ -70,8 +70,13 @@ class Session:
         self.device = pick_device(cfg)
         torch.manual_seed(cfg.SEED)
         # CodeNet_I, FeatNet_I and CodeNet_T of the authors' code.
-        self.img_net = models.ImgNet(cfg.BACKBONE, cfg.CODE_LEN, cfg.PRETRAINED,
-                                     cfg.PRETRAINED_PATH).to(self.device)
+        self.on_features = settings.uses_image_features(cfg)  # docs/features.md
+        if self.on_features:
+            self.img_net = models.FeatureImgNet(data.images.dim, cfg.CODE_LEN,
+                                                cfg.FEATURE_HIDDEN).to(self.device)
+        else:
+            self.img_net = models.ImgNet(cfg.BACKBONE, cfg.CODE_LEN, cfg.PRETRAINED,
+                                         cfg.PRETRAINED_PATH).to(self.device)
         self.feat_net = self.img_net.frozen_copy()
         self.txt_net = models.TxtNet(data.texts.shape[1], cfg.CODE_LEN).to(self.device)
         if self.device.type == 'cuda' and cfg.CHANNELS_LAST:
@@ -97,6 +102,8 @@ class Session:
     # ----- training -----
 
     def images_to_device(self, images):
+        if self.on_features:
+            return images.to(self.device, non_blocking=True)
         images = datasets.normalize(images.to(self.device, non_blocking=True))
         if self.device.type == 'cuda' and self.cfg.CHANNELS_LAST:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -185,7 +192,10 @@ class Session:
         topk = self.cfg.TOPK
         result = {'epoch': self.epoch,
                   'map_i2t': metric.calculate_top_map(q_img, r_txt, q_lab, r_lab, topk),
-                  'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk)}
+                  'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk),
+                  # full mAP: over the whole retrieval set (the feature protocol's number)
+                  'map_all_i2t': metric.calculate_map(q_img, r_txt, q_lab, r_lab),
+                  'map_all_t2i': metric.calculate_map(q_txt, r_img, q_lab, r_lab)}
         result['eval_time_s'] = time.perf_counter() - start
         codes = dict(query_img=q_img, query_txt=q_txt, db_img=r_img, db_txt=r_txt,
                      query_labels=q_lab, db_labels=r_lab)
@@ -228,6 +238,10 @@ class Session:
             raise UserError(f"checkpoint {path}: its split indexes pairs beyond the {n_pairs} "
                             f"of the data in DATA_DIR={self.cfg.DATA_DIR!r}; use the data it "
                             f"was trained on, or RESUME=False")
+        models.check_shapes(path, f"image network ({feature_source(self.cfg)})", self.img_net,
+                            state['img_net'])
+        models.check_shapes(path, f"text network (TEXT_FEATURES={self.cfg.TEXT_FEATURES!r})",
+                            self.txt_net, state['txt_net'])
         self.img_net.load_state_dict(state['img_net'])
         self.txt_net.load_state_dict(state['txt_net'])
         self.opt_img.load_state_dict(state['opt_img'])
@@ -240,6 +254,12 @@ class Session:
 
 
 # ===== helpers: device, files, logging =====
+
+def feature_source(cfg):
+    if cfg.PUBLISHED:
+        return f"PUBLISHED={cfg.PUBLISHED!r} in DATA_DIR={cfg.DATA_DIR!r}"
+    return f"IMAGE_FEATURES={cfg.IMAGE_FEATURES!r}"
+
 
 def pick_device(cfg):
     if cfg.DEVICE:
@@ -362,7 +382,8 @@ class Run:
         atomic_write(os.path.join(self.dir, name), lambda f: np.savez_compressed(f, **codes))
         result['codes'] = name
         print(f"epoch {sess.epoch}: mAP@{self.cfg.TOPK} I->T {result['map_i2t']:.4f}, "
-              f"T->I {result['map_t2i']:.4f} ({result['eval_time_s']:.1f} s)")
+              f"T->I {result['map_t2i']:.4f}; mAP@all I->T {result['map_all_i2t']:.4f}, "
+              f"T->I {result['map_all_t2i']:.4f} ({result['eval_time_s']:.1f} s)")
         return result
 
     def train(self):
@@ -433,7 +454,9 @@ class Run:
         results = {'dataset': cfg.DATASET, 'variant': cfg.VARIANT, 'backbone': cfg.BACKBONE,
                    'code_len': cfg.CODE_LEN, 'seed': cfg.SEED, 'split_seed': cfg.SPLIT_SEED,
                    'topk': cfg.TOPK, 'epoch': final['epoch'], 'map_i2t': final['map_i2t'],
-                   'map_t2i': final['map_t2i']}
+                   'map_t2i': final['map_t2i'], 'map_all_i2t': final.get('map_all_i2t'),
+                   'map_all_t2i': final.get('map_all_t2i'), 'image_features':
+                   cfg.PUBLISHED or cfg.IMAGE_FEATURES, 'text_features': cfg.TEXT_FEATURES}
         untrained = [e for e in sess.evals if e['epoch'] == 0]
         if untrained:
             results['untrained_map_i2t'] = untrained[0]['map_i2t']

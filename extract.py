@@ -1,0 +1,182 @@
+"""Extract the fc7 features of every pair's image, for the fixed-feature protocol.
+
+    python extract.py DATASET=MIRFlickr BACKBONE=vgg19   # data/mirflickr/mirflickr25k-vgg19-fc7.npy
+    python extract.py DATASET=DEMO                         # random AlexNet, offline
+    python train.py DATASET=MIRFlickr IMAGE_FEATURES=<the printed path>
+
+The network is ImgNet's frozen feature network (FeatNet_I): fc7 after its ReLU, eval mode,
+the test transform (Resize(RESIZE), CenterCrop(CROP); 256 and 224 by default), ImageNet
+normalisation; on the GPU when there is one. Row i of the output is pair i of the dataset
+(for Wiki: the train list, then the test list), float32, N x 4096, in a .npy file named
+<dataset>-<backbone>[-random]-fc7[-<CROP>px].npy in DATA_DIR ('-random' for PRETRAINED=False,
+'-<CROP>px' when not the standard 256/224).
+
+The rows go to <name>.partial as they are computed, in place, and a small <name>.progress.json
+says how many are on disk (written after the rows are flushed). Ctrl-C or a kill stops it;
+the same command resumes at that row. Only the finished file is renamed to <name>.npy, so a
+file under that name is always complete. RESUME=False starts over.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import datasets
+import models
+import settings
+import train
+from settings import UserError
+
+PREFIXES = {'MIRFlickr': 'mirflickr25k', 'NUSWIDE': 'nus-wide-tc10', 'Wiki': 'wiki',
+            'DEMO': 'demo'}
+LAYER = 'fc7'
+DIM = 4096
+
+
+def output_path(cfg):
+    """Where the features of cfg go: the name says dataset, backbone, weights and layer."""
+    name = f"{PREFIXES[cfg.DATASET]}-{cfg.BACKBONE}{'' if cfg.PRETRAINED else '-random'}-{LAYER}"
+    if (cfg.RESIZE, cfg.CROP) != (256, 224):
+        name += f"-{cfg.CROP}px"
+    return os.path.join(cfg.DATA_DIR, name + '.npy')
+
+
+def identity(cfg, n):
+    """What the rows depend on: a partial file made with anything else is not resumed."""
+    return {'dataset': cfg.DATASET, 'pairs': n, 'backbone': cfg.BACKBONE, 'layer': LAYER,
+            'pretrained': cfg.PRETRAINED, 'pretrained_path': cfg.PRETRAINED_PATH,
+            'resize': cfg.RESIZE, 'crop': cfg.CROP, 'seed': cfg.SEED, 'dim': DIM}
+
+
+# ===== the partial file =====
+
+class PartialFile:
+    """<path>.partial: a .npy header and N x DIM float32 rows written in place;
+    <path>.progress.json: the rows done so far and what they were made with."""
+
+    def __init__(self, path, ident):
+        self.path, self.ident = path, ident
+        self.partial, self.progress = path + '.partial', path + '.progress.json'
+        self.done, self.offset = 0, None
+
+    def open(self, resume):
+        """Reopen a matching partial file at its last row, else create a new one."""
+        state = self.read_progress() if resume else None
+        if state and state.get('identity') == self.ident and os.path.isfile(self.partial):
+            self.done, self.offset = state['done'], state['offset']
+            self.file = open(self.partial, 'r+b')
+            return
+        if state:
+            print(f"{self.partial} was made with other settings or data; starting over")
+        n = self.ident['pairs']
+        self.file = open(self.partial, 'wb')
+        np.lib.format.write_array_header_1_0(
+            self.file, {'descr': '<f4', 'fortran_order': False, 'shape': (n, DIM)})
+        self.offset = self.file.tell()
+        self.file.truncate(self.offset + n * DIM * 4)   # sparse: no memory, little disk yet
+        self.done = 0
+        self.save_progress()
+
+    def read_progress(self):
+        try:
+            with open(self.progress) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def save_progress(self):
+        state = {'done': self.done, 'offset': self.offset, 'identity': self.ident}
+        train.write_json(self.progress, state)
+
+    def write(self, rows):
+        """Rows done..done+len(rows): on disk first, then counted."""
+        self.file.seek(self.offset + self.done * DIM * 4)
+        self.file.write(np.ascontiguousarray(rows, dtype='<f4').tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done += len(rows)
+        self.save_progress()
+
+    def finish(self):
+        self.file.close()
+        os.replace(self.partial, self.path)
+        os.remove(self.progress)
+
+    def close(self):
+        self.file.close()
+
+
+# ===== extraction =====
+
+def feature_network(cfg, device):
+    """FeatNet_I of train.py: the backbone up to fc7 (after ReLU), eval mode, frozen."""
+    torch.manual_seed(cfg.SEED)   # PRETRAINED=False: the same random weights on resume
+    net = models.ImgNet(cfg.BACKBONE, 1, cfg.PRETRAINED, cfg.PRETRAINED_PATH).frozen_copy()
+    return net.to(device)
+
+
+@torch.inference_mode()
+def encode_batch(net, images, device):
+    images = datasets.normalize(images.to(device, non_blocking=True))
+    return net.fc7(images).float().cpu().numpy()
+
+
+def extract(cfg):
+    """Write the features of every pair of cfg's dataset; returns the file's path."""
+    if settings.uses_image_features(cfg):
+        raise UserError("extract.py reads the images: leave IMAGE_FEATURES and PUBLISHED empty")
+    path = output_path(cfg)
+    if os.path.isfile(path) and cfg.RESUME:
+        print(f"already extracted: {path} (RESUME=False extracts again)")
+        return path
+    data = datasets.load(cfg)
+    n = len(data.labels)
+    device = train.pick_device(cfg)
+    out = PartialFile(path, identity(cfg, n))
+    try:
+        out.open(cfg.RESUME)
+    except OSError as err:
+        raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: cannot write {out.partial} "
+                        f"({err.strerror})") from None
+    print(f"extracting {cfg.BACKBONE} {LAYER} of {n} pairs on {device} into {path}"
+          + (f" (resuming at row {out.done})" if out.done else ''))
+    net = feature_network(cfg, device)
+    loader = pair_loader(data, out.done, cfg)
+    try:
+        with tqdm(total=n, initial=out.done, unit='img', disable=not sys.stderr.isatty()) as bar:
+            for images, _, _, _ in loader:
+                out.write(encode_batch(net, images, device))
+                bar.update(len(images))
+    except KeyboardInterrupt:
+        out.close()
+        print(f"\ninterrupted: {out.done} of {n} rows saved in {out.partial}; run the same "
+              f"command to resume")
+        sys.exit(130)
+    out.finish()
+    print(f"features: {path} ({n} x {DIM} float32)")
+    data_dir = '' if cfg.DATA_DIR == settings.PRESETS[cfg.DATASET]['DATA_DIR'] else \
+        f" DATA_DIR={cfg.DATA_DIR}"
+    print(f"train on them: python train.py DATASET={cfg.DATASET}{data_dir} IMAGE_FEATURES={path}")
+    return path
+
+
+def pair_loader(data, start, cfg):
+    """Pairs start..N-1 in order, test transform, EVAL_BATCH_SIZE a batch."""
+    pairs = datasets.Pairs(data, np.arange(start, len(data.labels)), datasets.test_transform(cfg))
+    workers = cfg.NUM_WORKERS
+    return torch.utils.data.DataLoader(
+        pairs, batch_size=cfg.EVAL_BATCH_SIZE, shuffle=False, num_workers=workers,
+        pin_memory=torch.cuda.is_available() and cfg.DEVICE != 'cpu',
+        multiprocessing_context=datasets.worker_context(workers),
+        worker_init_fn=datasets.ignore_sigint)
+
+
+def main(argv):
+    return extract(settings.resolve(argv))
+
+
+if __name__ == '__main__':
+    settings.run_cli(main, sys.argv[1:])
