@@ -37,6 +37,7 @@ DCMH_FILES = {  # dataset -> (images, texts, labels) file names; keys IAll, YAll
     'NUSWIDE': ('nus-wide-tc10-iall.mat', 'nus-wide-tc10-yall.mat', 'nus-wide-tc10-lall.mat'),
 }
 DCMH_FILES['DEMO'] = DCMH_FILES['MIRFlickr']
+DCMH_KEYS = ('IAll', 'YAll', 'LAll')
 WIKI_FEATURES = 'raw_features.mat'
 WIKI_LISTS = ('trainset_txt_img_cat.list', 'testset_txt_img_cat.list')
 WIKI_IMAGES = 'images'
@@ -277,18 +278,21 @@ def expected_files(cfg):
 
 
 def dcmh_paths(dataset, data_dir):
-    """The IAll, YAll and LAll files of a DCMH dataset, wherever the downloads put them:
-    in DATA_DIR, in a folder named after the variable (DCMH's MIRFlickr archive unpacks as
-    Cleared-Set/IAll/mirflickr25k-iall.mat, ...), or two deep (NUS-WIDE's IAll/IAll/)."""
-    found = []
-    for name, key in zip(DCMH_FILES[dataset], ('IAll', 'YAll', 'LAll')):
-        tried = [os.path.join(data_dir, *sub, name) for sub in ((), (key,), (key, key))]
-        hits = [path for path in tried if os.path.isfile(path)]
-        if not hits:
-            raise UserError(f"missing file {name} ({key}): tried {', '.join(tried)}; "
-                            f"expected the {dataset} files in DATA_DIR (see docs/data.md)")
-        found.append(hits[0])
-    return tuple(found)
+    """The IAll, YAll and LAll files of a DCMH dataset, wherever the downloads put them."""
+    return tuple(dcmh_path(dataset, data_dir, key) for key in DCMH_KEYS)
+
+
+def dcmh_path(dataset, data_dir, key):
+    """One DCMH file: in DATA_DIR, in a folder named after the variable (DCMH's MIRFlickr
+    archive unpacks as Cleared-Set/IAll/mirflickr25k-iall.mat, ...), or two deep (NUS-WIDE's
+    IAll/IAll/)."""
+    name = DCMH_FILES[dataset][DCMH_KEYS.index(key)]
+    tried = [os.path.join(data_dir, *sub, name) for sub in ((), (key,), (key, key))]
+    for path in tried:
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"missing file {name} ({key}): tried {', '.join(tried)}; "
+                    f"expected the {dataset} files in DATA_DIR (see docs/data.md)")
 
 
 def load_dcmh(dataset, data_dir, in_memory=False):

@@ -172,7 +172,7 @@ def load_own(cfg):
                         f"folder holding the {cfg.DATASET} text and label files")
     if cfg.DATASET == 'Wiki':
         return datasets.load_wiki(cfg.DATA_DIR, need_images=False)
-    _, yall, lall = datasets.dcmh_paths(cfg.DATASET, cfg.DATA_DIR)
+    yall, lall = (datasets.dcmh_path(cfg.DATASET, cfg.DATA_DIR, key) for key in ('YAll', 'LAll'))
     texts, labels = read_texts_labels((yall, 'YAll'), (lall, 'LAll'))
     query, train, database = datasets.split_indices(labels, cfg.DATASET, cfg.SPLIT_SEED)
     return datasets.Data(cfg.DATASET, texts, labels, None, query, train, database,
