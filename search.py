@@ -526,13 +526,13 @@ def text_words(run, opts):
     words = opts.TEXT.replace(',', ' ').lower().split()
     vocab, source = vocabulary(run, opts)
     known = set(vocab)
-    unknown = [w for w in words if w not in known]
-    if unknown:
-        print(f"warning: not in the vocabulary, ignored: {', '.join(unknown)}", file=sys.stderr)
     kept = [w for w in dict.fromkeys(words) if w in known]
     if not kept:
         raise UserError(f"TEXT={opts.TEXT!r}: no word of it is in {source} ({len(vocab)} "
                         f"words, such as {', '.join(vocab[:3])})")
+    unknown = [w for w in words if w not in known]
+    if unknown:
+        print(f"warning: not in the vocabulary, ignored: {', '.join(unknown)}", file=sys.stderr)
     return kept, vocab
 
 
@@ -566,7 +566,9 @@ def text_of(run, opts, vector):
 def cmd_query(opts):
     run = open_run(opts.RUN)
     q = make_query(run, opts)
-    target = opts.TARGET or ('image' if q.modality == 'text' else 'text')
+    # an image finds texts, a text images; a folder of images has only images
+    target = opts.TARGET or ('image' if q.modality == 'text' or opts.COLLECTION == 'images'
+                             else 'text')
     if opts.COLLECTION == 'images' and target == 'text':
         raise UserError("COLLECTION=images holds images only; use TARGET=image")
     index, meta = load_index(run, opts.COLLECTION, target)
