@@ -564,6 +564,7 @@ def text_of(run, opts, vector):
 
 
 def cmd_query(opts):
+    import faiss
     run = open_run(opts.RUN)
     q = make_query(run, opts)
     # an image finds texts, a text images; a folder of images has only images
@@ -575,6 +576,7 @@ def cmd_query(opts):
     if opts.K > index.ntotal:
         raise UserError(f"K={opts.K}: the {opts.COLLECTION} {target} index holds only "
                         f"{index.ntotal} items; expected K <= {index.ntotal}")
+    faiss.omp_set_num_threads(1)  # one query: OpenMP threads only wait on a busy machine
     dist, rows = ranking(index, pack_codes(q.code), opts.K)
     hits = describe_hits(run, opts, meta, target, dist[0], rows[0])
     print(f"query: {q.title} -> {target}s of the {opts.COLLECTION} ({index.ntotal} items), "
