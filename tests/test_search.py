@@ -158,6 +158,14 @@ def test_index_holds_the_database_codes(tiny_run):
         np.testing.assert_array_equal(meta['labels'], codes['db_labels'])
 
 
+def test_faiss_map_equals_metric_on_demo_codes(tiny_run):
+    codes = saved_codes(tiny_run)
+    for q, db in (('query_img', 'db_txt'), ('query_txt', 'db_img')):
+        task = codes[q], codes[db], codes['query_labels'], codes['db_labels']
+        assert abs(search.faiss_top_map(*task, 50) - metric.calculate_top_map(*task, 50)) <= 1e-12
+        assert abs(search.faiss_map(*task) - metric.calculate_map(*task)) <= 1e-12
+
+
 def test_text_query_ranks_like_metric(tiny_run, capsys):
     words = search.demo_vocabulary()
     hits = query(tiny_run, f'TEXT="{words[3]} {words[40]} nosuchword"', 'K=20')
