@@ -292,7 +292,7 @@ def recall_at_k(db, queries, ids, exact_dist, k):
     return found / (k * len(queries))
 
 
-def bench_exact(db, queries, k, numpy_queries):
+def bench_exact(db, queries, k, numpy_queries, batch_threads):
     import faiss
     out = {}
     start_mem = _memory_start(torch.device('cpu'))
@@ -304,9 +304,10 @@ def bench_exact(db, queries, k, numpy_queries):
     out['bytes_per_item'] = faiss.serialize_index_binary(index).size / len(db)
     times, _ = latencies(index, queries, k)
     out['median_ms'], out['p99_ms'] = np.median(times) * 1e3, np.percentile(times, 99) * 1e3
-    out['batch_qps'], out['exact_dist'], out['exact_ids'] = batch_rate(
-        index, queries, k, os.cpu_count())
-    out['batch_qps_1'] = batch_rate(index, queries, k, 1)[0]
+    out['batch_qps'] = {}
+    for threads in batch_threads:
+        out['batch_qps'][threads], out['exact_dist'], out['exact_ids'] = batch_rate(
+            index, queries, k, threads)
     words = np.ascontiguousarray(np.pad(db, ((0, 0), (0, -db.shape[1] % 8)))).view(np.uint64)
     q_words = np.ascontiguousarray(np.pad(queries, ((0, 0), (0, -db.shape[1] % 8)))).view(
         np.uint64)
@@ -350,7 +351,7 @@ def bench_search_one(n, nbits, kind, args, bandwidth):
         # queries: fresh noisy copies of the database's centres
         pick = np.random.default_rng(5).integers(n_clusters, size=args.queries)
         queries = noisy_copies(centres[pick], 6)
-    exact = bench_exact(db, queries, args.topk, args.numpy_queries)
+    exact = bench_exact(db, queries, args.topk, args.numpy_queries, args.batch_threads)
     hashed = bench_multihash(db, queries, exact, args.topk, args.nflips,
                              max(1, nbits // 32), args.hash_bits)
     floor_ms = db.nbytes / bandwidth * 1e3
@@ -363,8 +364,9 @@ def print_search_one(r):
     print(f"exact IndexBinaryFlat: build {e['build_s']:.2f} s; {e['bytes_per_item']:.2f} bytes "
           f"per item in the index file, {e['rss_per_item']:.2f} resident; single query top-"
           f"{len(e['exact_ids'][0])}: median {e['median_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms; "
-          f"batch of {len(e['exact_ids'])}: {e['batch_qps']:.0f} queries/s on "
-          f"{os.cpu_count()} threads, {e['batch_qps_1']:.0f} on 1")
+          f"batch of {len(e['exact_ids'])}: " + ', '.join(
+              f"{qps:.0f} queries/s on {t} thread{'s' * (t > 1)}"
+              for t, qps in e['batch_qps'].items()))
     print(f"floor: streaming the codes once takes {r['floor_ms']:.2f} ms; NumPy popcount scan "
           f"{e['numpy_ms']:.1f} ms per query (exact is {e['numpy_ms'] / e['median_ms']:.1f}x "
           f"faster)")
@@ -373,11 +375,13 @@ def print_search_one(r):
     for p in h['curve']:
         print(f"  nflip {p['nflip']}: recall@{len(e['exact_ids'][0])} {p['recall']:.4f}, median "
               f"{p['median_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms "
-              f"({e['median_ms'] / p['median_ms']:.1f}x faster than exact)")
+              f"(speed-up over exact {e['median_ms'] / p['median_ms']:.1f}x)")
 
 
-def bench_search_eval(n_query, n_db, nbits, topk, repeats):
-    """search.faiss_top_map against metric.calculate_top_map on the same random task."""
+def bench_search_eval(n_query, n_db, nbits, topk, repeats, full_queries):
+    """search.faiss_top_map against metric.calculate_top_map on the same random task, and
+    full mAP (search.faiss_map, one FAISS thread, against metric.calculate_map) on the
+    first full_queries queries."""
     import search
     task = random_task(n_query, n_db, nbits, 10)
     import faiss
@@ -393,8 +397,14 @@ def bench_search_eval(n_query, n_db, nbits, topk, repeats):
             out[name + '_map'] = fn(*task, topk)
             times.append(time.perf_counter() - start)
         out[name + '_s'] = statistics.median(times)
+    faiss.omp_set_num_threads(1)
+    sub = (task[0][:full_queries], task[1], task[2][:full_queries], task[3])
+    for name, fn in (('metric_full', metric.calculate_map), ('faiss_full', search.faiss_map)):
+        start = time.perf_counter()
+        out[name + '_map'] = fn(*sub)
+        out[name + '_s'] = time.perf_counter() - start
     faiss.omp_set_num_threads(threads)
-    out['threads'] = threads
+    out['threads'], out['full_queries'] = threads, full_queries
     return out
 
 
@@ -406,6 +416,9 @@ def print_search_eval(r):
           f"metric.py is {min(r['faiss_s'], r['faiss_1_s']) / r['metric_s']:.2f}x as fast as "
           f"the faster FAISS; mAP difference "
           f"{max(abs(r['metric_map'] - r[k]) for k in ('faiss_map', 'faiss_1_map')):.1e}")
+    print(f"full mAP of the first {r['full_queries']} queries: metric.calculate_map "
+          f"{r['metric_full_s']:.2f} s, search.faiss_map {r['faiss_full_s']:.2f} s on 1 FAISS "
+          f"thread; difference {abs(r['metric_full_map'] - r['faiss_full_map']):.1e}")
 
 
 def main_search(argv):
@@ -418,6 +431,9 @@ def main_search(argv):
     parser.add_argument('--numpy-queries', type=int, default=20,
                         help="queries the NumPy scan is timed on")
     parser.add_argument('--topk', type=int, default=50)
+    parser.add_argument('--batch-threads', default='1',
+                        help="FAISS threads of the batch searches, comma-separated (1,2: "
+                             "also 2; slow when other processes hold the cores)")
     parser.add_argument('--nflips', default='0,1,2', help="multi-hash radii of the curve")
     parser.add_argument('--cluster-size', type=int, default=1000, help="items per cluster")
     parser.add_argument('--hash-bits', type=int, default=24,
@@ -425,8 +441,11 @@ def main_search(argv):
     parser.add_argument('--eval-database', type=int, default=184577,
                         help="evaluation comparison at this database size (0: skip)")
     parser.add_argument('--eval-queries', type=int, default=2000)
+    parser.add_argument('--eval-full-queries', type=int, default=200,
+                        help="queries the full-mAP comparison runs on")
     args = parser.parse_args(argv)
     args.nflips = [int(x) for x in args.nflips.split(',')]
+    args.batch_threads = [int(x) for x in args.batch_threads.split(',')]
     print(machine())
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth (one thread): {bandwidth / 1e9:.1f} GB/s")
@@ -436,7 +455,7 @@ def main_search(argv):
             print_search_one(bench_search_one(n, nbits, kind, args, bandwidth))
     if args.eval_database:
         print_search_eval(bench_search_eval(args.eval_queries, args.eval_database, 128,
-                                            args.topk, repeats=3))
+                                            args.topk, 3, args.eval_full_queries))
     print(machine())
 
 

@@ -316,3 +316,27 @@ def test_command_line(tiny_run, tmp_path):
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.count('\n') == 1 and bad.stderr.startswith('error: TEXT=')
+
+
+# ===== bench.py search's helpers =====
+def test_bench_search_helpers():
+    import bench
+    rng = np.random.default_rng(0)
+    codes, centres = bench.clustered_codes(20000, 8, 4, seed=1)
+    flips = np.unpackbits(codes[:, None] ^ centres[None], axis=2).sum(2).min(1)
+    assert abs(flips.mean() - 64 / 16) < 0.2   # each bit flipped with probability 1/16
+    db = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
+    q = rng.integers(0, 256, 8, dtype=np.uint8)
+    top = bench.numpy_scan(np.ascontiguousarray(db).view(np.uint64), q.view(np.uint64), 10)
+    signs = lambda b: np.where(np.unpackbits(b, axis=-1) > 0, 1, -1)
+    ref_dist, ref_ids = stable_ranking(signs(q[None]), signs(db), 10)
+    assert set(top) <= set(np.flatnonzero(hamming(signs(q[None]), signs(db))[0]
+                                          <= ref_dist[0, -1]))
+    assert list(hamming(signs(q[None]), signs(db[top]))[0]) == list(ref_dist[0])
+    # recall counts an item tied with the k-th exact distance as found
+    exact_dist = np.array([[0, 1, 1]])
+    small = np.array([[0], [1], [3], [7]], np.uint8)   # distances 0, 1, 2, 3 to query 0
+    assert bench.recall_at_k(small, np.array([[0]], np.uint8), np.array([[0, 1, 2]]),
+                             exact_dist, 3) == pytest.approx(2 / 3)
+    assert bench.recall_at_k(small, np.array([[0]], np.uint8), np.array([[0, 1, -1]]),
+                             np.array([[0, 1, 2]]), 3) == pytest.approx(2 / 3)
