@@ -179,7 +179,8 @@ def option_value(key, text):
     except (ValueError, SyntaxError):
         value = text
     if isinstance(SETTINGS[key], str):
-        return os.path.expanduser(value if isinstance(value, str) else text)
+        value = value if isinstance(value, str) else text
+        return value if key in ('TEXT', 'TARGET', 'COLLECTION') else os.path.expanduser(value)
     if type(value) is not int:
         raise UserError(f"setting {key}={text!r}: expected an integer")
     return value
