@@ -12,6 +12,14 @@
   plain per-query loop with a stable sort, the way evaluation code in this field is usually
   written. Reports median times, the speed-up, the difference between the two values on the
   same queries, and the peak memory of each.
+- bench_search (`python bench.py search`, not part of the default run): FAISS binary
+  indexes over 1 M and 10 M random 64-bit codes and 10 M 128-bit ones, uniform and
+  clustered (clustered_codes): build time, bytes per item, single-query latency (median,
+  99th percentile) and 1,000-query batch throughput of the exact IndexBinaryFlat and of
+  IndexBinaryMultiHash (recall@K against the exact one, over its nflip), beside the time to
+  stream the codes once from memory and a NumPy popcount scan; then FAISS's ranking against
+  metric.py for evaluation (search.faiss_top_map) at NUS-WIDE size. `--help` after `search`
+  lists the knobs that make it shorter.
 
 The machine may be shared: the load average is printed with the timings.
 """
@@ -20,6 +28,7 @@ import ctypes
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -322,6 +331,261 @@ def print_extract(r):
               f"+{run['peak_bytes'] / 2 ** 20:.0f} MiB")
 
 
+# ===== search (FAISS binary indexes) =====
+def uniform_codes(n, nbytes, seed):
+    """Packed codes (n, nbytes) uint8, every bit a fair coin."""
+    return np.frombuffer(np.random.default_rng(seed).bytes(n * nbytes), np.uint8).reshape(n, -1)
+
+
+def clustered_codes(n, nbytes, n_clusters, seed, flip_log2=4):
+    """(codes, centres), packed, like trained codes: items of one cluster share most bits.
+    Each item is one of n_clusters uniform random centres, drawn at random, with each bit
+    flipped with probability 2**-flip_log2 (1/16: 4 of 64 bits on average, so two items of
+    a cluster differ in about 7.5 of 64 bits and two clusters in 32)."""
+    centres = uniform_codes(n_clusters, nbytes, seed)
+    pick = np.random.default_rng(seed + 1).integers(n_clusters, size=n)
+    return noisy_copies(centres[pick], seed + 2, flip_log2), centres
+
+
+def noisy_copies(codes, seed, flip_log2=4):
+    """codes with each bit flipped with probability 2**-flip_log2: the XOR of the AND of
+    flip_log2 random bytes."""
+    noise = uniform_codes(len(codes), codes.shape[1], seed).copy()
+    for j in range(1, flip_log2):
+        noise &= uniform_codes(len(codes), codes.shape[1], seed + 1000 * j)
+    return codes ^ noise
+
+
+def read_bandwidth(nbytes=2 ** 29, repeats=3):
+    """Bytes per second of one thread summing a buffer far larger than the caches."""
+    a = np.ones(nbytes // 8, np.int64)
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def numpy_scan(db_words, query_words, k):
+    """The do-it-yourself peer: XOR, popcount, sum over words, argpartition, then the k
+    sorted by (distance, id). db_words (n, words) uint64; one query (words,) uint64."""
+    dist = np.bitwise_count(db_words ^ query_words).sum(1, dtype=np.uint16)
+    top = np.argpartition(dist, k - 1)[:k]
+    return top[np.lexsort((top, dist[top]))]
+
+
+def latencies(index, queries, k):
+    """Seconds of each single-query search, and the ids found. One FAISS thread: a single
+    query gains nothing from more, and on a shared 2-core machine OpenMP's spinning
+    threads wait for a core the other processes hold (100 ms a query measured here)."""
+    import faiss
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    times, ids = [], []
+    try:
+        for q in queries:
+            start = time.perf_counter()
+            _, i = index.search(q[None], k)
+            times.append(time.perf_counter() - start)
+            ids.append(i[0])
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return np.array(times), np.array(ids)
+
+
+def batch_rate(index, queries, k, threads):
+    """Queries per second of one search call over all the queries, on `threads` threads."""
+    import faiss
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        dist, ids = index.search(queries, k)
+        return len(queries) / (time.perf_counter() - start), dist, ids
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def recall_at_k(db, queries, ids, exact_dist, k):
+    """Share of the exact top k found, counting an item tied with the k-th exact distance
+    as good as any other (ties make the exact set one choice among several)."""
+    found = 0
+    for q, row, d in zip(queries, ids, exact_dist):
+        row = row[row >= 0]
+        dist = np.unpackbits(db[row] ^ q, axis=1).sum(1)
+        below, tied = (dist < d[-1]).sum(), (dist == d[-1]).sum()
+        found += below + min(tied, (d == d[-1]).sum())
+    return found / (k * len(queries))
+
+
+def bench_exact(db, queries, k, numpy_queries, batch_threads):
+    import faiss
+    out = {}
+    start_mem = _memory_start(torch.device('cpu'))
+    start = time.perf_counter()
+    index = faiss.IndexBinaryFlat(db.shape[1] * 8)
+    index.add(db)
+    out['build_s'] = time.perf_counter() - start
+    out['rss_per_item'] = (_proc_status('VmRSS') - start_mem) / len(db)
+    out['bytes_per_item'] = faiss.serialize_index_binary(index).size / len(db)
+    times, _ = latencies(index, queries, k)
+    out['median_ms'], out['p99_ms'] = np.median(times) * 1e3, np.percentile(times, 99) * 1e3
+    out['batch_qps'] = {}
+    for threads in batch_threads:
+        out['batch_qps'][threads], out['exact_dist'], out['exact_ids'] = batch_rate(
+            index, queries, k, threads)
+    words = np.ascontiguousarray(np.pad(db, ((0, 0), (0, -db.shape[1] % 8)))).view(np.uint64)
+    q_words = np.ascontiguousarray(np.pad(queries, ((0, 0), (0, -db.shape[1] % 8)))).view(
+        np.uint64)
+    start = time.perf_counter()
+    for q in q_words[:numpy_queries]:
+        numpy_scan(words, q, k)
+    out['numpy_ms'] = (time.perf_counter() - start) / numpy_queries * 1e3
+    return out
+
+
+def bench_multihash(db, queries, exact, k, nflips, nhash, b):
+    """IndexBinaryMultiHash: nhash tables, each keyed on its own b-bit slice of the code
+    (2 x 24 of 64 bits: few items share a key, yet the items near a query almost always
+    match one slice within nflip bits); each nflip (the Hamming radius probed in every
+    table) is one point of the recall curve."""
+    import faiss
+    nbits = db.shape[1] * 8
+    start_mem = _memory_start(torch.device('cpu'))
+    start = time.perf_counter()
+    index = faiss.IndexBinaryMultiHash(nbits, nhash, b)
+    index.add(db)
+    out = dict(build_s=time.perf_counter() - start, nhash=nhash, b=b, curve=[])
+    out['rss_per_item'] = (_proc_status('VmRSS') - start_mem) / len(db)
+    for nflip in nflips:
+        index.nflip = nflip
+        times, ids = latencies(index, queries, k)
+        out['curve'].append(dict(nflip=nflip, median_ms=np.median(times) * 1e3,
+                                 p99_ms=np.percentile(times, 99) * 1e3,
+                                 recall=recall_at_k(db, queries, ids, exact['exact_dist'], k)))
+    return out
+
+
+def bench_search_one(n, nbits, kind, args, bandwidth):
+    """Exact and multi-hash figures for n codes of nbits, 'uniform' or 'clustered'."""
+    nbytes = nbits // 8
+    if kind == 'uniform':
+        db, queries = uniform_codes(n, nbytes, 1), uniform_codes(args.queries, nbytes, 2)
+    else:
+        n_clusters = max(1, n // args.cluster_size)
+        db, centres = clustered_codes(n, nbytes, n_clusters, 1)
+        # queries: fresh noisy copies of the database's centres
+        pick = np.random.default_rng(5).integers(n_clusters, size=args.queries)
+        queries = noisy_copies(centres[pick], 6)
+    exact = bench_exact(db, queries, args.topk, args.numpy_queries, args.batch_threads)
+    hashed = bench_multihash(db, queries, exact, args.topk, args.nflips,
+                             max(1, nbits // 32), args.hash_bits)
+    floor_ms = db.nbytes / bandwidth * 1e3
+    return dict(n=n, nbits=nbits, kind=kind, exact=exact, hash=hashed, floor_ms=floor_ms)
+
+
+def print_search_one(r):
+    e, h = r['exact'], r['hash']
+    print(f"-- {r['n']:,} x {r['nbits']} bits, {r['kind']} codes --")
+    print(f"exact IndexBinaryFlat: build {e['build_s']:.2f} s; {e['bytes_per_item']:.2f} bytes "
+          f"per item in the index file, {e['rss_per_item']:.2f} resident; single query top-"
+          f"{len(e['exact_ids'][0])}: median {e['median_ms']:.2f} ms, p99 {e['p99_ms']:.2f} ms; "
+          f"batch of {len(e['exact_ids'])}: " + ', '.join(
+              f"{qps:.0f} queries/s on {t} thread{'s' * (t > 1)}"
+              for t, qps in e['batch_qps'].items()))
+    print(f"floor: streaming the codes once takes {r['floor_ms']:.2f} ms; NumPy popcount scan "
+          f"{e['numpy_ms']:.1f} ms per query (exact is {e['numpy_ms'] / e['median_ms']:.1f}x "
+          f"faster)")
+    print(f"IndexBinaryMultiHash ({h['nhash']} tables of {h['b']} bits): build "
+          f"{h['build_s']:.2f} s, {h['rss_per_item']:.1f} bytes resident per item")
+    for p in h['curve']:
+        print(f"  nflip {p['nflip']}: recall@{len(e['exact_ids'][0])} {p['recall']:.4f}, median "
+              f"{p['median_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms "
+              f"(speed-up over exact {e['median_ms'] / p['median_ms']:.1f}x)")
+
+
+def bench_search_eval(n_query, n_db, nbits, topk, repeats, full_queries):
+    """search.faiss_top_map against metric.calculate_top_map on the same random task, and
+    full mAP (search.faiss_map, one FAISS thread, against metric.calculate_map) on the
+    first full_queries queries."""
+    import search
+    task = random_task(n_query, n_db, nbits, 10)
+    import faiss
+    out = dict(n_query=n_query, n_db=n_db, nbits=nbits, topk=topk)
+    threads = faiss.omp_get_max_threads()
+    for name, fn, n_threads in (('metric', metric.calculate_top_map, threads),
+                                ('faiss', search.faiss_top_map, threads),
+                                ('faiss_1', search.faiss_top_map, 1)):
+        faiss.omp_set_num_threads(n_threads)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out[name + '_map'] = fn(*task, topk)
+            times.append(time.perf_counter() - start)
+        out[name + '_s'] = statistics.median(times)
+    faiss.omp_set_num_threads(1)
+    sub = (task[0][:full_queries], task[1], task[2][:full_queries], task[3])
+    for name, fn in (('metric_full', metric.calculate_map), ('faiss_full', search.faiss_map)):
+        start = time.perf_counter()
+        out[name + '_map'] = fn(*sub)
+        out[name + '_s'] = time.perf_counter() - start
+    faiss.omp_set_num_threads(threads)
+    out['threads'], out['full_queries'] = threads, full_queries
+    return out
+
+
+def print_search_eval(r):
+    print(f"-- evaluation, mAP@{r['topk']} of {r['n_query']:,} queries x {r['n_db']:,} items, "
+          f"{r['nbits']} bits --")
+    print(f"metric.calculate_top_map {r['metric_s']:.2f} s; search.faiss_top_map "
+          f"{r['faiss_s']:.2f} s on {r['threads']} FAISS threads, {r['faiss_1_s']:.2f} s on 1; "
+          f"metric.py is {min(r['faiss_s'], r['faiss_1_s']) / r['metric_s']:.2f}x as fast as "
+          f"the faster FAISS; mAP difference "
+          f"{max(abs(r['metric_map'] - r[k]) for k in ('faiss_map', 'faiss_1_map')):.1e}")
+    print(f"full mAP of the first {r['full_queries']} queries: metric.calculate_map "
+          f"{r['metric_full_s']:.2f} s, search.faiss_map {r['faiss_full_s']:.2f} s on 1 FAISS "
+          f"thread; difference {abs(r['metric_full_map'] - r['faiss_full_map']):.1e}")
+
+
+def main_search(argv):
+    parser = argparse.ArgumentParser(prog='bench.py search',
+                                     description="FAISS binary indexes at scale")
+    parser.add_argument('--sizes', default='1000000:64,10000000:64,10000000:128',
+                        help="items:bits of each collection, comma-separated")
+    parser.add_argument('--kinds', default='uniform,clustered')
+    parser.add_argument('--queries', type=int, default=1000)
+    parser.add_argument('--numpy-queries', type=int, default=20,
+                        help="queries the NumPy scan is timed on")
+    parser.add_argument('--topk', type=int, default=50)
+    parser.add_argument('--batch-threads', default='1',
+                        help="FAISS threads of the batch searches, comma-separated (1,2: "
+                             "also 2; slow when other processes hold the cores)")
+    parser.add_argument('--nflips', default='0,1,2', help="multi-hash radii of the curve")
+    parser.add_argument('--cluster-size', type=int, default=1000, help="items per cluster")
+    parser.add_argument('--hash-bits', type=int, default=24,
+                        help="bits each multi-hash table keys on (one table per 32 bits)")
+    parser.add_argument('--eval-database', type=int, default=184577,
+                        help="evaluation comparison at this database size (0: skip)")
+    parser.add_argument('--eval-queries', type=int, default=2000)
+    parser.add_argument('--eval-full-queries', type=int, default=200,
+                        help="queries the full-mAP comparison runs on")
+    args = parser.parse_args(argv)
+    args.nflips = [int(x) for x in args.nflips.split(',')]
+    args.batch_threads = [int(x) for x in args.batch_threads.split(',')]
+    print(machine())
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth (one thread): {bandwidth / 1e9:.1f} GB/s")
+    for size in args.sizes.split(','):
+        n, nbits = (int(float(x)) for x in size.split(':'))
+        for kind in args.kinds.split(','):
+            print_search_one(bench_search_one(n, nbits, kind, args, bandwidth))
+    if args.eval_database:
+        print_search_eval(bench_search_eval(args.eval_queries, args.eval_database, 128,
+                                            args.topk, 3, args.eval_full_queries))
+    print(machine())
+
+
 # ===== machine and entry point =====
 def machine():
     """One line: CPU model, cores torch uses, GPU if any, and the load average."""
@@ -338,6 +602,9 @@ def machine():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['search']:
+        return main_search(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=3, help="timed runs of the fast version")
     parser.add_argument('--queries', type=int, default=2000, help="number of queries")
