@@ -65,15 +65,16 @@ NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.
 def load_codes(npz_path):
     """The six arrays of a codes file, ready for metric.py."""
     try:
-        with np.load(npz_path, allow_pickle=False) as f:
-            missing = [k for k in CODE_KEYS if k not in f]
+        f = np.load(npz_path, allow_pickle=False)
+        if not hasattr(f, 'files'):   # a .npy file: one array, not train.py's .npz
+            raise settings.UserError(f"{npz_path}: a single array, expected the .npz codes "
+                                     f"file of train.py")
+        with f:
+            missing = [k for k in CODE_KEYS if k not in f.files]
             if missing:
                 raise settings.UserError(f"{npz_path}: not a codes file of train.py (no "
                                          f"{', '.join(missing)})")
             codes = {k: f[k] for k in CODE_KEYS}  # metric.py takes the saved int8 as they are
-    except AttributeError:   # np.load gave an array: a .npy file, not an .npz
-        raise settings.UserError(f"{npz_path}: a single array, expected the .npz codes file "
-                                 f"of train.py") from None
     except NPZ_ERRORS as err:
         raise settings.UserError(f"{npz_path}: cannot be read as an .npz file, truncated or "
                                  f"corrupt? ({type(err).__name__}: {err})") from err
