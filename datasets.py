@@ -15,6 +15,7 @@ oriented by its number of pairs. Images are read lazily, one HDF5 handle per pro
 Check a dataset on disk (exit status 2 and one line per problem):
 
     python datasets.py DATASET=MIRFlickr DATA_DIR=data/mirflickr
+    python datasets.py DATASET=MIRFlickr DATA_DIR=data/mirflickr FULL=True   # every image
 """
 import dataclasses
 import json

@@ -5,8 +5,9 @@
     python train.py DATASET=DEMO           # small generated data, CPU, a few minutes
     python train.py DATASET=DEMO EVAL=True # evaluate the run's checkpoint
 
-Every setting lives in settings.py; KEY=VALUE on the command line overrides it. A run lives in
-OUT_DIR/RUN_NAME and resumes from its checkpoint when started again.
+Every setting lives in settings.py; KEY=VALUE on the command line overrides it (--help lists
+them). A run lives in OUT_DIR/RUN_NAME and resumes from its checkpoint when started again;
+docs/runs.md describes its files, the lock, Ctrl-C and what is kept when it finishes.
 """
 import contextlib
 import dataclasses
@@ -278,14 +279,18 @@ def load_weights(path, key, module, state):
 
 def check_same_experiment(path, saved, current):
     """Refuse to go on with settings that make another experiment (the speed settings and
-    the schedule may change)."""
-    diffs = [f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now"
+    the schedule may change). A setting newer than the run counts as its default."""
+    default = settings.defaults()
+    diffs = [f"{k}: {saved.get(k, default.get(k))!r} there, {current.get(k)!r} now"
              for k in sorted(set(saved) | set(current))
              if k not in settings.RUN_CONTROL | settings.SCHEDULE | {'commit', 'versions'}
-             and saved.get(k) != current.get(k)]
+             and saved.get(k, default.get(k)) != current.get(k)]
     if diffs:
         raise UserError(f"{path} is from a different experiment ({'; '.join(diffs)}); "
                         f"use another RUN_NAME, or RESUME=False to start over")
+
+
+TMP_MARK = '.tmp'   # atomic_write's temporaries are <name>.tmp<pid>
 
 
 def atomic_write(path, write):
@@ -304,8 +309,6 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
-TMP_MARK = '.tmp'   # atomic_write's temporaries are <name>.tmp<pid>
 
 
 def write_error(path, err):

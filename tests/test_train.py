@@ -4,6 +4,7 @@ after SIGKILL, Ctrl-C, a full disk, the lock, and the bad-input table. Runs go i
 Interruptions are driven by events (a printed line, a step counter), never by a clock."""
 import errno
 import fcntl
+import gc
 import itertools
 import json
 import os
@@ -66,11 +67,31 @@ def train_here(args, base, name):
 def cli(argv, capsys):
     """`python train.py argv` in this process: (exit status, stdout, stderr)."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
+    try:
         settings.run_cli(train.main, argv)
-        sys.exit(0)
+        code = 0
+    except SystemExit as stop:   # `stop` is dropped at the block's end, and with it the
+        code = stop.code         # traceback's frames: their session is freed at once
     out = capsys.readouterr()
-    return stop.value.code, out.out, out.err
+    return code, out.out, out.err
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_restored():
+    """A run installs its Ctrl-C handler for the loop only: every test must leave Python's
+    own handler in place, however the run ended."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.fixture(autouse=True)
+def free_sessions():
+    """A session holds about 1 GB (AlexNet, its frozen copy, gradients, momentum); one
+    kept alive by a reference cycle (a traceback's frames) waits for the garbage collector.
+    Collect after each test, so that the suite holds one session at a time."""
+    yield
+    gc.collect()
 
 
 def one_line_error(err, *words):
@@ -285,7 +306,7 @@ def interrupt_at_step(monkeypatch, step):
     def train_step(self, images, texts):
         loss = real(self, images, texts)
         if next(count) == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return loss
     monkeypatch.setattr(train.Session, 'train_step', train_step)
 
@@ -336,7 +357,7 @@ def test_full_disk_then_ctrl_c_twice_then_resume_is_exact(tiny, reference, capsy
     #    stopped at once, one line, the previous checkpoint intact.
     with pytest.MonkeyPatch.context() as mp:
         interrupt_at_step(mp, 1)
-        fail_save(mp, 1, lambda: os.kill(os.getpid(), signal.SIGINT))
+        fail_save(mp, 1, lambda: signal.raise_signal(signal.SIGINT))
         code, _, err = cli(argv, capsys)
     assert code == 130 and err.count('\n') == 1 and err.startswith('interrupted')
     assert stamp(ckpt) == saved and temporaries(run_dir) == []
@@ -352,8 +373,8 @@ def test_ctrl_c_while_loading_or_in_the_untrained_evaluation(tiny, monkeypatch, 
     base, args = tiny
     run_dir = base / 'runs' / 'ctrl_c'
 
-    def ctrl_c(*a, **k):
-        os.kill(os.getpid(), signal.SIGINT)   # Python's own handler: KeyboardInterrupt
+    def ctrl_c(*a, **k):   # Ctrl-C outside the loop: Python's own handler raises this
+        raise KeyboardInterrupt
     monkeypatch.setattr(datasets, 'load', ctrl_c)
     code, _, err = cli(args + where(base, 'ctrl_c'), capsys)
     assert code == 130 and err.count('\n') == 1 and 'interrupted' in err
@@ -422,9 +443,9 @@ def copy_data(tiny, tmp_path, how):
         with h5py.File(iall, 'r') as f:   # MATLAB's order back: H x W x 3 x N
             images = np.transpose(f['IAll'][()])
         save_v73(iall, {'IAll': images})   # compressed, one image a chunk, as DCMH's are
-        with h5py.File(iall, 'r') as f:   # spoil the stored bytes of one image mid-file
-            ds = f['IAll']
-            middle = ds.id.get_chunk_info(ds.id.get_num_chunks() // 2)
+        with h5py.File(iall, 'r') as f:   # spoil the stored bytes of image 47 of 96, next
+            ds = f['IAll']                # to the middle one that the quick check reads
+            middle = ds.id.get_chunk_info(ds.id.get_num_chunks() // 2 - 1)
         raw = bytearray(iall.read_bytes())
         raw[middle.byte_offset:middle.byte_offset + middle.size] = b'\xff' * middle.size
         iall.write_bytes(bytes(raw))
@@ -562,6 +583,17 @@ def test_loader_worker_error_is_one_line(tiny, tmp_path, capsys):
     one_line_error(err, 'mirflickr25k-iall.mat', 'cannot read image')
     assert 'Traceback' not in err and 'DataLoader worker' not in err
     assert not (tmp_path / 'runs' / 'worker' / 'checkpoint.pt').exists()
+
+
+def test_full_check_reads_every_image(tiny, tmp_path, capsys):
+    folder = copy_data(tiny, tmp_path, 'corrupt_middle')
+    argv = ['DATASET=DEMO', f"DATA_DIR={str(folder)!r}"]
+    assert settings.run_cli(datasets.main, argv) == 0   # first, middle and last image: fine
+    assert 'passes the check' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        settings.run_cli(datasets.main, argv + ['FULL=True'])
+    assert stop.value.code == 2
+    one_line_error(capsys.readouterr().err, 'mirflickr25k-iall.mat', 'cannot read image 47')
 
 
 def test_demo_never_overwrites_other_files(tmp_path, capsys):
