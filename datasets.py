@@ -18,14 +18,17 @@ process; Wiki's JPEGs are decoded by OpenCV, as the authors do.
 Check a dataset on disk (exit status 2 and one line per problem):
 
     python datasets.py DATASET=MIRFlickr DATA_DIR=data/mirflickr
+    python datasets.py DATASET=MIRFlickr DATA_DIR=data/mirflickr FULL=True   # every image
 """
 import dataclasses
+import json
 import os
 import sys
 
 import h5py
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 import matfile
 import settings
@@ -58,6 +61,7 @@ SCALED_QUERY, SCALED_TRAIN = 0.1, 0.5   # DEMO (and files too small for the prot
 
 # ===== DEMO: a generated dataset whose images and tags share a hidden label structure =====
 DEMO_PAIRS = 2000            # pairs written by make_demo
+DEMO_MARKER = 'demo-generated.json'   # written with the DEMO files: only those are overwritten
 DEMO_SIZE = 64               # images are DEMO_SIZE x DEMO_SIZE (the DEMO preset crops 64 of 72)
 DEMO_LABELS = 8              # labels; each has a colour, a stripe direction and a cell
 DEMO_LABEL_COUNTS = (0.5, 0.35, 0.15)   # chance of 1, 2, 3 labels per pair
@@ -233,18 +237,21 @@ def physical_memory():
 
 # ===== loading a dataset =====
 
-def load(cfg, generate=True, verbose=True):
-    """The dataset of cfg.DATASET in cfg.DATA_DIR, split with cfg.SPLIT_SEED."""
+def load(cfg, generate=True, verbose=True, train=True):
+    """The dataset of cfg.DATASET in cfg.DATA_DIR, split with cfg.SPLIT_SEED. train=True
+    refuses data too small to train on with cfg (the check command only warns)."""
     data_dir = cfg.DATA_DIR
     if cfg.DATASET == 'DEMO' and generate and not all(
             os.path.isfile(os.path.join(data_dir, name)) for name in DCMH_FILES['DEMO']):
+        check_demo_folder(data_dir)
         print(f"DEMO: generating {DEMO_PAIRS} pairs in {data_dir} (first use)")
         make_demo(data_dir, DEMO_PAIRS)
     if settings.uses_image_features(cfg):  # stored features (features.py): no image is read
         import features
         data = features.load(cfg, verbose)
     elif not os.path.isdir(data_dir):
-        raise UserError(f"setting DATA_DIR={data_dir!r}: no such folder; expected the folder "
+        what = 'is a file' if os.path.exists(data_dir) else 'no such folder'
+        raise UserError(f"setting DATA_DIR={data_dir!r}: {what}; expected the folder "
                         f"holding the {cfg.DATASET} files ({', '.join(expected_files(cfg))})")
     elif cfg.DATASET == 'Wiki':
         data = load_wiki(data_dir)
@@ -261,6 +268,7 @@ def load(cfg, generate=True, verbose=True):
     if cfg.TEXT_FEATURES:
         import features
         features.apply_text_features(cfg, data)
+    check_sizes(data, cfg, train)
     data.warnings += suspicious(data)
     data.notes = notes_on(data)
     if verbose:
@@ -269,6 +277,20 @@ def load(cfg, generate=True, verbose=True):
         for line in data.warnings:
             print(f"warning: {line}")
     return data
+
+
+def check_sizes(data, cfg, train):
+    """Data that cannot train is refused here, before any evaluation or checkpoint."""
+    where = f"{cfg.DATASET} in DATA_DIR={cfg.DATA_DIR!r}"
+    if len(data.labels) == 0:
+        raise UserError(f"{where}: the files hold 0 pairs; expected at least one batch")
+    if len(data.train) < cfg.BATCH_SIZE:
+        problem = (f"setting BATCH_SIZE={cfg.BATCH_SIZE}: {where} gives only "
+                   f"{len(data.train)} training pairs, fewer than one batch (the last "
+                   f"incomplete batch is dropped)")
+        if train:
+            raise UserError(f"{problem}; use a smaller BATCH_SIZE or more data")
+        data.warnings.append(problem)
 
 
 def expected_files(cfg):
@@ -309,6 +331,9 @@ def load_dcmh(dataset, data_dir, in_memory=False):
     labels = check_labels(matfile.orient(matfile.read_var(lvar), n, lvar), lvar)
     texts = check_texts(matfile.orient(matfile.read_var(yvar, np.float32), n, yvar), yvar)
     layout = matfile.ImageLayout(ivar, n)
+    if n and not (layout.height and layout.width):
+        raise UserError(f"{ivar.name()}: images of {layout.height} x {layout.width} pixels; "
+                        f"expected pictures of at least 1 x 1")
     images = image_source(ivar, layout, in_memory)
     files = [(ivar.path, f"IAll {ivar.version:4}  {n} images of {layout.height} x "
                          f"{layout.width} x 3 {ivar.mclass}"),
@@ -561,9 +586,6 @@ def make_loader(data, part, cfg, generator=None):
         return features.make_loader(data, part, cfg, generator)
     train = part == 'train'
     indices = getattr(data, part)
-    if train and len(indices) < cfg.BATCH_SIZE:
-        raise UserError(f"setting BATCH_SIZE={cfg.BATCH_SIZE}: the training set has only "
-                        f"{len(indices)} pairs (drop_last would leave no batch)")
     augment = train and data.dataset != 'Wiki'   # Wiki trains with the test transform
     transform = train_transform(cfg) if augment else test_transform(cfg)
     if not train:  # evaluating must not move the global RNG that training draws from
@@ -575,6 +597,21 @@ def make_loader(data, part, cfg, generator=None):
         num_workers=workers, persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available() and cfg.DEVICE != 'cpu',
         multiprocessing_context=worker_context(workers), worker_init_fn=ignore_sigint)
+
+
+def batches(loader):
+    """The batches of a DataLoader. A UserError raised while reading an item in a worker
+    process (a bad image: one line naming the file and the pair) reaches the user as that
+    line; DataLoader would otherwise wrap it in the worker's traceback."""
+    try:
+        yield from loader
+    except UserError as err:
+        text = str(err)
+        if not text.startswith('Caught UserError in DataLoader worker'):
+            raise
+        # The wrapped message ends with the worker's last traceback line: 'UserError: <line>'.
+        last = text.rstrip().splitlines()[-1]
+        raise UserError(last.partition('UserError: ')[2] or last) from None
 
 
 def ignore_sigint(worker_id):
@@ -615,19 +652,78 @@ def make_demo(data_dir, n_pairs=DEMO_PAIRS, seed=0):
     the 72 -> 64 random crop and a flip; the text holds some of the tags label k owns plus
     random tags. Some labels are left out of the image and some absent ones drawn faintly,
     so that neither modality gives the labels away perfectly."""
+    check_demo_folder(data_dir)
     rng = np.random.default_rng(seed)
     labels = demo_labels(rng, n_pairs)
     texts = demo_texts(rng, labels)
     images = demo_images(rng, labels)
-    os.makedirs(data_dir, exist_ok=True)
     iall, yall, lall = (os.path.join(data_dir, name) for name in DCMH_FILES['DEMO'])
     # Write under temporary names and rename, so an interrupted run leaves no half file.
     iall_matlab = np.ascontiguousarray(images.transpose(1, 2, 3, 0))  # H x W x 3 x N
-    matfile.write_mat73(iall + '.tmp', {'IAll': iall_matlab})
-    matfile.write_mat5(yall + '.tmp', {'YAll': texts.astype(np.float64)})
-    matfile.write_mat5(lall + '.tmp', {'LAll': labels.astype(np.float64)})
-    for path in (iall, yall, lall):
-        os.replace(path + '.tmp', path)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        matfile.write_mat73(iall + '.tmp', {'IAll': iall_matlab})
+        matfile.write_mat5(yall + '.tmp', {'YAll': texts.astype(np.float64)})
+        matfile.write_mat5(lall + '.tmp', {'LAll': labels.astype(np.float64)})
+        # The marker first: a kill among the renames leaves a folder that is still ours.
+        write_demo_marker(data_dir, n_pairs, seed)
+        for path in (iall, yall, lall):
+            os.replace(path + '.tmp', path)
+    except OSError as err:
+        raise UserError(f"setting DATA_DIR={data_dir!r}: cannot write the DEMO files there "
+                        f"({matfile.one_line(err)})") from None
+    finally:
+        for path in (iall, yall, lall):
+            if os.path.exists(path + '.tmp'):
+                os.remove(path + '.tmp')
+
+
+def check_demo_folder(data_dir):
+    """make_demo writes only into an absent or empty folder, or over a previous DEMO (its
+    marker file lists the files it wrote, with their sizes): never over anyone's data."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"setting DATA_DIR={data_dir!r}: is a file; expected a folder for "
+                        f"the generated DEMO files")
+    if not os.path.isdir(data_dir):
+        return
+    names = DCMH_FILES['DEMO']
+    try:
+        found = set(os.listdir(data_dir)) - {name + '.tmp' for name in (*names, DEMO_MARKER)}
+        written = demo_marker_sizes(data_dir) or {}
+    except OSError as err:
+        raise UserError(f"setting DATA_DIR={data_dir!r}: cannot read the folder "
+                        f"({matfile.one_line(err)})") from None
+    foreign = sorted(name for name in found - {DEMO_MARKER}   # not written, or changed since
+                     if os.path.getsize(os.path.join(data_dir, name)) != written.get(name))
+    if foreign:
+        shown = ', '.join(foreign[:4]) + (', ...' if len(foreign) > 4 else '')
+        raise UserError(f"setting DATA_DIR={data_dir!r}: the folder holds files that are not a "
+                        f"generated DEMO ({shown}); DEMO is generated only into an empty or "
+                        f"absent folder or over a previous DEMO: use another DATA_DIR")
+
+
+def demo_marker_sizes(data_dir):
+    """{file name: size} from a previous DEMO's marker; None without one."""
+    path = os.path.join(data_dir, DEMO_MARKER)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            sizes = json.load(f)['files']
+    except (ValueError, KeyError, TypeError):
+        return None
+    return sizes if isinstance(sizes, dict) else None
+
+
+def write_demo_marker(data_dir, n_pairs, seed):
+    sizes = {name: os.path.getsize(os.path.join(data_dir, name + '.tmp'))
+             for name in DCMH_FILES['DEMO']}
+    marker = {'written_by': 'datasets.make_demo', 'n_pairs': n_pairs, 'seed': seed,
+              'files': sizes}
+    path = os.path.join(data_dir, DEMO_MARKER)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(marker, f, indent=2)
+    os.replace(path + '.tmp', path)
 
 
 def demo_labels(rng, n):
@@ -691,8 +787,8 @@ def check(cfg):
     if cfg.DATASET == 'DEMO' and not os.path.isdir(cfg.DATA_DIR):
         raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: no such folder (DEMO files are "
                         f"generated there by train.py DATASET=DEMO or prepare.py DATASET=DEMO)")
-    data = load(cfg, generate=False, verbose=False)
-    check_images(data)
+    data = load(cfg, generate=False, verbose=False, train=False)
+    check_images(data, cfg.FULL)
     for path, what in data.files:
         print(f"  {os.path.relpath(path, cfg.DATA_DIR):34} {what}")   # where it was found
     n = len(data.labels)
@@ -712,20 +808,26 @@ def check(cfg):
     return data
 
 
-def check_images(data):
-    """Read some images (all of Wiki's): a truncated IAll fails here, not mid-epoch."""
+def check_images(data, full=False):
+    """Read some images (all of Wiki's; all of any with FULL=True): a truncated IAll fails
+    here, not mid-epoch. Only FULL=True finds a corrupt block in the middle of an IAll."""
     images = data.images
     if getattr(images, 'is_features', False):   # stored features: checked when loaded
         return
     n = len(images)
-    which = range(n) if isinstance(images, FileImages) else sorted({0, n // 2, n - 1})
-    for i in which:
+    full = full or isinstance(images, FileImages)
+    which = range(n) if full else sorted({0, n // 2, n - 1})
+    if full and n > 1000:
+        print(f"  reading all {n} images (FULL=True)")
+    for i in tqdm(which, desc='images', leave=False, disable=not (full and sys.stderr.isatty())):
         image = images[i]
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise UserError(f"{getattr(images, 'path', '')}: image {i} is {image.shape} "
                             f"{image.dtype}, expected (H, W, 3) uint8")
     if isinstance(images, H5Images):
         images.close()   # never leave a handle open for workers to inherit
+    if full:
+        print(f"  read all {n} images")
 
 
 def check_split(data, cfg):

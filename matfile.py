@@ -52,8 +52,18 @@ def one_line(err):
 
 
 def need_file(path, what):
+    """A missing file and one this user may not read are different mistakes: say which."""
+    try:
+        os.stat(path)
+    except PermissionError:   # a folder on its path may not be entered
+        raise UserError(f"cannot read {path}: permission denied on a folder of its path; "
+                        f"expected {what}") from None
+    except OSError:
+        pass
     if not os.path.isfile(path):
         raise UserError(f"missing file {path}: expected {what}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied; expected {what}")
 
 
 def describe(path, key):

@@ -8,6 +8,8 @@ Both return (features, H, B) with B = tanh(alpha * H), alpha = sqrt(epoch + 1) f
 """
 import copy
 import math
+import pickle
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -25,6 +27,13 @@ BACKBONES = {
 }
 
 
+# What a failed download or a truncated, corrupt or foreign weights file makes torchvision and
+# torch.load raise (URLError and HTTPError are OSErrors; a hash mismatch or a broken zip is a
+# RuntimeError). Anything else is a bug of ours and keeps its traceback.
+WEIGHTS_ERRORS = (OSError, EOFError, KeyError, ValueError, RuntimeError,
+                  pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 def build_backbone(name, pretrained=True, pretrained_path=''):
     """A torchvision CNN with ImageNet weights (from PRETRAINED_PATH if given) or random ones."""
     make, weights_enum, _ = BACKBONES[name]
@@ -35,12 +44,12 @@ def build_backbone(name, pretrained=True, pretrained_path=''):
     weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
     try:
         return make(weights=weights)
-    except Exception as err:  # offline, proxy, truncated download: all need the same fix
+    except WEIGHTS_ERRORS as err:  # offline, proxy, truncated download: the same fix
         raise UserError(
             f"could not get the ImageNet weights of {name} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); download {weights.url} and pass "
             f"PRETRAINED_PATH=<that file>, or PRETRAINED=False to start from random weights"
-        ) from None
+        ) from err
 
 
 def he_init(model):
@@ -63,9 +72,9 @@ def load_local_weights(model, name, path):
         state = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise UserError(f"PRETRAINED_PATH={path!r}: no such file") from None
-    except Exception as err:
+    except WEIGHTS_ERRORS as err:
         raise UserError(f"PRETRAINED_PATH={path!r}: not a PyTorch weights file "
-                        f"({type(err).__name__})") from None
+                        f"({type(err).__name__})") from err
     if isinstance(state, dict) and 'state_dict' in state:
         state = state['state_dict']
     try:

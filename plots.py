@@ -6,8 +6,8 @@
 
 Each argument is a run directory (its final codes: the file results.json names, else the
 latest codes/epoch_EEE.npz; --epoch picks another) or one codes .npz file. Nothing is
-retrained or re-encoded: the curves come from the saved codes alone (docs/runs.md; keys
-query_img, query_txt, db_img, db_txt, query_labels, db_labels), through metric.py.
+retrained or re-encoded: the curves come from the saved codes alone (the keys query_img,
+query_txt, db_img, db_txt, query_labels, db_labels; docs/runs.md), through metric.py.
 
 The figure has four panels: precision@top-R for I->T and T->I (R up to 2,000 on Wiki and
 5,000 on MIRFlickr and NUS-WIDE, as in the paper's figure; up to the database size
@@ -17,6 +17,8 @@ length, for I->T and T->I. Every run is one line on each panel.
 import argparse
 import json
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +49,8 @@ def find_codes(path, epoch=None):
         return chosen
     results = path / 'results.json'
     if results.exists():
-        named = json.loads(results.read_text()).get('codes')
-        if named and (path / named).exists():
+        named = read_json(results).get('codes')
+        if isinstance(named, str) and named and (path / named).is_file():
             return path / named
     saved = sorted((path / 'codes').glob('epoch_*.npz'))  # zero-padded: sorts by epoch
     if not saved:
@@ -56,13 +58,56 @@ def find_codes(path, epoch=None):
     return saved[-1]
 
 
+# What np.load raises on a truncated, corrupt or foreign file; anything else is a bug.
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def load_codes(npz_path):
     """The six arrays of a codes file, ready for metric.py."""
-    with np.load(npz_path) as f:
-        missing = [k for k in CODE_KEYS if k not in f]
-        if missing:
-            raise settings.UserError(f"{npz_path}: missing {', '.join(missing)}")
-        return {k: f[k] for k in CODE_KEYS}  # metric.py takes the saved int8 as they are
+    try:
+        f = np.load(npz_path, allow_pickle=False)
+        if not hasattr(f, 'files'):   # a .npy file: one array, not train.py's .npz
+            raise settings.UserError(f"{npz_path}: a single array, expected the .npz codes "
+                                     f"file of train.py")
+        with f:
+            missing = [k for k in CODE_KEYS if k not in f.files]
+            if missing:
+                raise settings.UserError(f"{npz_path}: not a codes file of train.py (no "
+                                         f"{', '.join(missing)})")
+            codes = {k: f[k] for k in CODE_KEYS}  # metric.py takes the saved int8 as they are
+    except NPZ_ERRORS as err:
+        raise settings.UserError(f"{npz_path}: cannot be read as an .npz file, truncated or "
+                                 f"corrupt? ({type(err).__name__}: {err})") from err
+    check_codes(npz_path, codes)
+    return codes
+
+
+def check_codes(npz_path, codes):
+    """Shapes that metric.py can rank: codes (items x bits), labels (items x classes)."""
+    q, d = len(codes['query_img']), len(codes['db_img'])
+    expect = {'query_img': q, 'query_txt': q, 'query_labels': q,
+              'db_img': d, 'db_txt': d, 'db_labels': d}
+    bits = {codes[k].shape[-1] for k in ('query_img', 'query_txt', 'db_img', 'db_txt')
+            if codes[k].ndim == 2}
+    classes = {codes[k].shape[-1] for k in ('query_labels', 'db_labels')
+               if codes[k].ndim == 2}
+    bad = [f"{k} {codes[k].shape}" for k, n in expect.items()
+           if codes[k].ndim != 2 or len(codes[k]) != n or codes[k].dtype.kind not in 'iub']
+    if bad or len(bits) != 1 or len(classes) != 1 or not q or not d:
+        raise settings.UserError(f"{npz_path}: codes or labels of unexpected shapes or types "
+                                 f"({', '.join(bad) or 'widths differ'}); expected integer "
+                                 f"items x bits codes and items x classes labels")
+
+
+def read_json(path):
+    """A JSON object from a run directory (results.json, settings.json)."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise settings.UserError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
+    if not isinstance(found, dict):
+        raise settings.UserError(f"{path}: a JSON {type(found).__name__}, expected an object")
+    return found
 
 
 def run_info(npz_path):
@@ -71,13 +116,13 @@ def run_info(npz_path):
     info = {}
     for name in ('settings.json', 'results.json'):
         if (run_dir / name).exists():
-            saved = json.loads((run_dir / name).read_text())
-            info.update({k.lower(): v for k, v in saved.items()})
+            info.update({k.lower(): v for k, v in read_json(run_dir / name).items()})
     label = (f"{info['dataset']} {info.get('variant', 'DJSRH')} {info['code_len']} bits "
              f"seed {info.get('seed', '?')}" if 'dataset' in info and 'code_len' in info
              else run_dir.name)
     epoch = Path(npz_path).stem.replace('epoch_', 'epoch ')
-    return dict(dataset=info.get('dataset'), label=f'{label}, {epoch}')
+    dataset = info.get('dataset')
+    return dict(dataset=dataset if isinstance(dataset, str) else None, label=f'{label}, {epoch}')
 
 
 # ===== the curves (no drawing) =====
@@ -134,9 +179,29 @@ def draw(series, out_path, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    try:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_path, dpi=100)
+    except OSError as err:
+        raise settings.UserError(f"--out {out_path}: cannot write it ({type(err).__name__}: "
+                                 f"{err})") from err
+    finally:
+        plt.close(fig)
+
+
+FORMATS = ('png', 'pdf', 'svg', 'jpg', 'jpeg', 'eps', 'tif', 'tiff', 'webp')
+
+
+def check_out(path):
+    """--out names exactly the file written: an image file name, not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise settings.UserError(f"--out {path}: is a folder; expected a file name such as "
+                                 f"{path / 'curves.png'}")
+    if path.suffix.lower().lstrip('.') not in FORMATS:
+        raise settings.UserError(f"--out {path}: unknown image type {path.suffix or '(none)'}; "
+                                 f"expected a name ending in one of "
+                                 f"{', '.join('.' + f for f in FORMATS)}")
 
 
 # ===== command line =====
@@ -150,6 +215,9 @@ def main(argv):
     p.add_argument('--points', type=int, default=50, help="R values per curve (default 50)")
     p.add_argument('--title', help="a title over the figure")
     args = p.parse_args(argv)
+    check_out(args.out)
+    if args.points < 1:
+        raise settings.UserError(f"--points {args.points}: expected at least 1")
     series = [run_curves(path, args.epoch, args.points) for path in args.runs]
     draw(series, args.out, args.title)
     print(f'written: {args.out}')

@@ -167,12 +167,18 @@ def finished_time(run_dir):
 
 
 def read_timing(run_dir):
-    """timing.json: kept apart from results.json, which two equal runs write identically."""
+    """timing.json: kept apart from results.json, which two equal runs write identically.
+    Only its numbers count; a missing or broken file gives {} (the times are a guide)."""
     path = Path(run_dir) / 'timing.json'
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        timing = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}
+    return {k: v for k, v in timing.items() if is_number(v)} if isinstance(timing, dict) else {}
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ===== running the grid =====
@@ -272,7 +278,7 @@ def report_skip(tag, run_dir, cfg, cell, times):
 
 
 def result_line(run_dir):
-    results = json.loads((Path(run_dir) / 'results.json').read_text())
+    results = read_results(Path(run_dir) / 'results.json')
     return f"mAP@{results.get('topk', 50)} I->T {results['map_i2t']:.3f} " \
            f"T->I {results['map_t2i']:.3f}"
 
@@ -282,17 +288,45 @@ def load_results(runs_dir):
     """Every results.json under runs_dir, as dicts (with 'run_dir' added), sorted by path."""
     out = []
     for path in sorted(Path(runs_dir).rglob('results.json')):
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise settings.UserError(f"{path}: not valid JSON ({err})") from None
-        missing = [k for k in ('dataset', 'code_len', 'map_i2t', 'map_t2i') if k not in results]
-        if missing:
-            raise settings.UserError(f"{path}: missing {', '.join(missing)}")
+        results = read_results(path)
         results['run_dir'] = str(path.parent)
         results.update(read_timing(path.parent))
         out.append(results)
     return out
+
+
+# The keys of results.json that the summary reads: key -> (check, what it must be).
+RESULT_TYPES = {
+    'dataset': (lambda v: isinstance(v, str), 'a string'),
+    'code_len': (lambda v: isinstance(v, int) and not isinstance(v, bool), 'an integer'),
+    'map_i2t': (lambda v: is_number(v), 'a number'),
+    'map_t2i': (lambda v: is_number(v), 'a number'),
+}
+OPTIONAL_TYPES = {
+    'variant': (lambda v: isinstance(v, str), 'a string'),
+    'backbone': (lambda v: isinstance(v, str), 'a string'),
+    'topk': (lambda v: isinstance(v, int) and not isinstance(v, bool), 'an integer'),
+    'seed': (lambda v: isinstance(v, int) and not isinstance(v, bool), 'an integer'),
+}
+
+
+def read_results(path):
+    """One results.json, its keys checked: a broken file is one line naming it."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise settings.UserError(f"{path}: cannot be read as JSON ({type(err).__name__}: "
+                                 f"{err})") from None
+    if not isinstance(results, dict):
+        raise settings.UserError(f"{path}: a JSON {type(results).__name__}, expected the "
+                                 f"object train.py writes")
+    missing = [k for k in RESULT_TYPES if k not in results]
+    if missing:
+        raise settings.UserError(f"{path}: missing {', '.join(missing)}")
+    for key, (ok, what) in {**RESULT_TYPES, **OPTIONAL_TYPES}.items():
+        if key in results and not ok(results[key]):
+            raise settings.UserError(f"{path}: {key} is {results[key]!r}, expected {what}")
+    return results
 
 
 def mean_std(values):
@@ -396,19 +430,34 @@ def summarize(args):
     rows = summary_rows(load_results(runs_dir))
     if not rows:
         raise settings.UserError(f"{runs_dir}: no results.json found under it")
-    prefix = Path(args.out) if args.out else runs_dir / 'summary'
+    prefix = out_prefix(args.out) if args.out else runs_dir / 'summary'
     note = ('ours: mAP over seeds, mean ± sample standard deviation (ddof=1; "-" for one '
             "run); paper: the paper's Tables 1 and 2 (mAP@50, images); UCCH: DJSRH on VGG-19 "
             "fc7 features as UCCH's README and paper report it (full mAP, UCCH's split); "
             "diff = ours - paper; "
             'wall time: mean per run.\n')
     text = markdown_table(rows)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix('.md').write_text(text + '\n' + note)
-    write_csv(rows, prefix.with_suffix('.csv'))
-    print(text + '\n' + note + f'written: {prefix.with_suffix(".md")}, '
-          f'{prefix.with_suffix(".csv")}')
+    md, csv_path = Path(f'{prefix}.md'), Path(f'{prefix}.csv')
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text + '\n' + note)
+        write_csv(rows, csv_path)
+    except OSError as err:
+        raise settings.UserError(f"--out {prefix}: cannot write {md} and {csv_path} "
+                                 f"({type(err).__name__}: {err})") from None
+    print(text + '\n' + note + f'written: {md}, {csv_path}')
     return 0
+
+
+def out_prefix(out):
+    """--out PREFIX writes PREFIX.md and PREFIX.csv; 'x.md' or 'x.csv' is taken as 'x'."""
+    prefix = Path(out)
+    if prefix.suffix in ('.md', '.csv'):
+        prefix = prefix.with_suffix('')
+    if prefix.is_dir() or out.endswith(('/', '\\')):
+        raise settings.UserError(f"--out {out}: is a folder; expected a file prefix such as "
+                                 f"{prefix / 'summary'} (writes summary.md and summary.csv)")
+    return prefix
 
 
 # ===== command line =====

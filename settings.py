@@ -6,7 +6,9 @@ the constants here, then the preset of DATASET (PRESETS), then the ablation VARI
 returns a namespace; importing this module reads no file and no command line.
 """
 import ast
+import math
 import os
+import re
 import sys
 import types
 
@@ -17,8 +19,9 @@ DATA_DIR = ''            # folder with the dataset's files; '' = the preset's de
 SPLIT_SEED = 0           # seeds the query/train/database split; separate from SEED
 IN_MEMORY = False        # hold the whole IAll in RAM as uint8 (MIRFlickr: ~3 GB); never NUS-WIDE
 NUM_WORKERS = 2          # DataLoader worker processes (0 = load in the main process)
-RESIZE = 256             # images are resized to RESIZE, then cropped to CROP (authors: 256, 224)
-CROP = 224
+RESIZE = 256             # images are resized to RESIZE (shorter side; the authors: 256)
+CROP = 224               # then cropped to CROP x CROP (the authors: 224; random in training)
+FULL = False             # python datasets.py: read every image, not only the first, middle and last
 # ----- the fixed-feature protocol (docs/features.md) -----
 IMAGE_FEATURES = ''      # an N x d file of image features, row i = pair i (extract.py writes one):
                          # the image side becomes an MLP on it; '' = the CNN on the images
@@ -41,11 +44,11 @@ LAMBDA2 = 0.1            # weight of the text-text term
 ANNEAL = True            # B = tanh(alpha H), alpha = sqrt(epoch); False: alpha = 1 (DJSRH-6)
 
 # ===== optimisation (authors' code: SGD, two optimisers) =====
-NUM_EPOCH = 80
-LR_IMG = 0.001
-LR_TXT = 0.01
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
+NUM_EPOCH = 80           # epochs of training
+LR_IMG = 0.001           # SGD learning rate of the image network
+LR_TXT = 0.01            # SGD learning rate of the text network
+MOMENTUM = 0.9           # SGD momentum of both optimisers
+WEIGHT_DECAY = 5e-4      # SGD weight decay of both optimisers
 TRAIN_ALL_IMG = True     # False: train only fc6, fc7 and the hash layer of the image net (Wiki)
 
 # ===== model =====
@@ -62,6 +65,7 @@ TOPK = 50                # mAP@TOPK is the paper's number
 OUT_DIR = 'runs'         # runs live in OUT_DIR/RUN_NAME
 RUN_NAME = ''            # '' = derived from dataset, variant, backbone, code length and seed
 RESUME = True            # continue from the run directory's checkpoint if there is one
+KEEP_OPTIMIZER = False   # keep the optimisers' state in the final checkpoint (to train on later)
 DEVICE = ''              # '' = cuda when available, else cpu
 DETERMINISTIC = False    # deterministic kernels (bit-identical reruns on CPU)
 BF16 = False             # CUDA only: bf16 autocast for the CNN forwards (S and the loss stay fp32)
@@ -118,10 +122,16 @@ BACKBONES = ('vgg19', 'alexnet')
 RUN_CONTROL = frozenset({
     'EVAL', 'RESUME', 'DATA_DIR', 'OUT_DIR', 'RUN_NAME', 'NUM_WORKERS', 'IN_MEMORY',
     'EVAL_BATCH_SIZE', 'DEVICE', 'DETERMINISTIC', 'PRETRAINED_PATH', 'BF16', 'TF32',
-    'CHANNELS_LAST'})
+    'CHANNELS_LAST', 'KEEP_OPTIMIZER', 'FULL'})
 # The schedule may change on resume too (train longer, evaluate more often), but a finished
 # run made with another schedule holds other numbers.
 SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
+
+
+# Upper-case names of this module that are not settings.
+NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
+                          'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
+                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS'})
 
 
 class UserError(Exception):
@@ -131,14 +141,15 @@ class UserError(Exception):
 def defaults():
     """The constants of this module as a dict (UPPER_CASE names only)."""
     return {k: v for k, v in globals().items()
-            if k.isupper() and k not in ('PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE')
-            and k not in ('BORROWED_PRESETS', 'PUBLISHED_LAYOUTS')}
+            if k.isupper() and k not in NOT_SETTINGS}
 
 
 def parse_overrides(argv):
     """KEY=VALUE strings -> dict of UPPER_CASE key to Python value (unchecked)."""
     out = {}
     for arg in argv:
+        if arg in ('-h', '--help', 'help'):
+            raise HelpRequested(arg)
         key, sep, text = arg.lstrip('-').partition('=')
         if not sep or not key:
             raise UserError(f"argument {arg!r}: expected KEY=VALUE")
@@ -186,26 +197,60 @@ def resolve(argv=(), extra=None, **overrides):
     return types.SimpleNamespace(**cfg)
 
 
+# The range of every numeric setting: key -> (lowest, highest, what to say). None: no bound.
+# Seeds stop at 2**32 - 1 so that SEED * 1,000,003 + epoch stays within what torch.manual_seed
+# takes (and SPLIT_SEED within what NumPy's generators take) on every platform.
+SEED_MAX = 2**32 - 1
+RANGES = {
+    'SPLIT_SEED': (0, SEED_MAX, f"an integer from 0 to {SEED_MAX}"),
+    'SEED': (0, SEED_MAX, f"an integer from 0 to {SEED_MAX}"),
+    'NUM_WORKERS': (0, None, "an integer of at least 0"),
+    'RESIZE': (63, None, "at least 63 pixels (and at least CROP)"),
+    'CROP': (63, None, "at least 63 pixels (the backbones need it)"),
+    'CODE_LEN': (1, 4096, "an integer from 1 to 4096"),
+    'BATCH_SIZE': (2, None, "an integer of at least 2"),
+    'EVAL_BATCH_SIZE': (1, None, "an integer of at least 1"),
+    'BETA': (0.0, 1.0, "a number from 0 to 1"),
+    'ETA': (0.0, 1.0, "a number from 0 to 1"),
+    'MU': (0.0, None, "a number above 0"),
+    'LAMBDA1': (0.0, None, "a number of at least 0"),
+    'LAMBDA2': (0.0, None, "a number of at least 0"),
+    'NUM_EPOCH': (1, None, "an integer of at least 1"),
+    'LR_IMG': (0.0, None, "a number of at least 0"),
+    'LR_TXT': (0.0, None, "a number of at least 0"),
+    'MOMENTUM': (0.0, 1.0, "a number from 0 to 1"),
+    'WEIGHT_DECAY': (0.0, None, "a number of at least 0"),
+    'EVAL_INTERVAL': (1, None, "an integer of at least 1"),
+    'TOPK': (1, None, "an integer of at least 1"),
+}
+
+
 def validate(cfg):
-    """Range checks that a type check cannot do."""
+    """Range checks that a type check cannot do: every numeric setting, the names, RUN_NAME."""
     def need(ok, key, expected):
         if not ok:
             raise UserError(f"setting {key}={cfg[key]!r}: expected {expected}")
-    need(cfg['BACKBONE'] in BACKBONES, 'BACKBONE', f"one of {', '.join(BACKBONES)}")
-    need(1 <= cfg['CODE_LEN'] <= 4096, 'CODE_LEN', "an integer from 1 to 4096")
-    need(cfg['BATCH_SIZE'] >= 2, 'BATCH_SIZE', "an integer of at least 2")
-    need(cfg['EVAL_BATCH_SIZE'] >= 1, 'EVAL_BATCH_SIZE', "an integer of at least 1")
-    need(0.0 <= cfg['BETA'] <= 1.0, 'BETA', "a number from 0 to 1")
-    need(0.0 <= cfg['ETA'] <= 1.0, 'ETA', "a number from 0 to 1")
-    need(cfg['NUM_EPOCH'] >= 1, 'NUM_EPOCH', "an integer of at least 1")
-    need(cfg['EVAL_INTERVAL'] >= 1, 'EVAL_INTERVAL', "an integer of at least 1")
-    need(cfg['TOPK'] >= 1, 'TOPK', "an integer of at least 1")
-    need(cfg['NUM_WORKERS'] >= 0, 'NUM_WORKERS', "an integer of at least 0")
-    need(cfg['CROP'] >= 63, 'CROP', "at least 63 pixels (the backbones need it)")
+    for key, (low, high, expected) in RANGES.items():
+        value = cfg[key]
+        need(math.isfinite(value) and value >= low and (high is None or value <= high),
+             key, expected)
+    need(cfg['MU'] > 0, 'MU', RANGES['MU'][2])
     need(cfg['RESIZE'] >= cfg['CROP'], 'RESIZE', f"at least CROP={cfg['CROP']}")
+    need(cfg['BACKBONE'] in BACKBONES, 'BACKBONE', f"one of {', '.join(BACKBONES)}")
     need(cfg['DEVICE'] in ('', 'cpu') or cfg['DEVICE'].startswith('cuda'), 'DEVICE',
          "'', 'cpu' or 'cuda[:N]'")
+    need(cfg['OUT_DIR'] != '', 'OUT_DIR', "a folder ('.' for the current one)")
+    need(stays_inside(cfg['RUN_NAME']), 'RUN_NAME',
+         "a name inside OUT_DIR (relative, no '..', '.' or empty parts)")
     validate_features(cfg, need)
+
+
+def stays_inside(name):
+    """True for '' and for relative names without '..', '.' or empty parts: a run directory
+    stays inside OUT_DIR whatever RUN_NAME says."""
+    parts = name.replace('\\', '/').split('/')
+    return name == '' or (not os.path.isabs(name)
+                          and all(part not in ('', '.', '..') for part in parts))
 
 
 def validate_features(cfg, need):
@@ -247,9 +292,57 @@ def feature_tag(cfg):
 
 
 def run_cli(main, argv):
-    """Run main(argv); a UserError becomes one line on stderr and exit status 2."""
+    """Run main(argv): a UserError becomes one line on stderr and exit status 2, Ctrl-C one
+    line and exit status 130, --help the command's usage."""
     try:
         return main(argv)
+    except HelpRequested:
+        print(usage(sys.modules[main.__module__]))
+        return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; every file written before is intact (run the "
+              "same command to continue)", file=sys.stderr)
+        sys.exit(130)
+
+
+# ===== --help =====
+
+class HelpRequested(Exception):
+    """-h or --help among the KEY=VALUE arguments: run_cli prints the usage."""
+
+
+def usage(module):
+    """The command's docstring, then its settings: name, default, the constant's comment.
+    A command with its own DEFAULTS dict (prepare.py) lists those, the others this module's."""
+    own = getattr(module, 'DEFAULTS', None)
+    values = own if isinstance(own, dict) else defaults()
+    source = module.__file__ if isinstance(own, dict) else __file__
+    meanings = setting_comments(source)
+    shown = {key: repr(value) for key, value in values.items()}
+    key_width = max(len(key) for key in shown)
+    value_width = min(16, max(len(text) for text in shown.values()))
+    lines = [(module.__doc__ or '').strip(), '',
+             'Settings (KEY=VALUE on the command line; the default, then what it does):']
+    lines += [f"  {key:<{key_width}} {text:<{value_width}}  {meanings.get(key, '')}".rstrip()
+              for key, text in shown.items()]
+    if not isinstance(own, dict):
+        lines.append("DATASET applies its preset (settings.py, PRESETS) before the overrides.")
+    return '\n'.join(lines)
+
+
+def setting_comments(path):
+    """{NAME: trailing comment} of the lines `NAME = value  # comment` (or `NAME=value,
+    # comment` inside a dict) of a source file: the one-line meaning of each setting."""
+    found = {}
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            match = SETTING_LINE.match(line)
+            if match:
+                found.setdefault(match.group(1), match.group(2).strip())
+    return found
+
+
+SETTING_LINE = re.compile(r"^\s*([A-Z][A-Z0-9_]*)\s*=\s*[^#]*?,?\s+#\s*(.*)$")

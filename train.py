@@ -5,16 +5,23 @@
     python train.py DATASET=DEMO           # small generated data, CPU, a few minutes
     python train.py DATASET=DEMO EVAL=True # evaluate the run's checkpoint
 
-Every setting lives in settings.py; KEY=VALUE on the command line overrides it. A run lives in
-OUT_DIR/RUN_NAME and resumes from its checkpoint when started again.
+Every setting lives in settings.py; KEY=VALUE on the command line overrides it (--help lists
+them). A run lives in OUT_DIR/RUN_NAME and resumes from its checkpoint when started again;
+docs/runs.md describes its files, the lock, Ctrl-C and what is kept when it finishes.
 """
+import contextlib
+import dataclasses
+import errno
 import json
+import math
 import os
+import pickle
 import platform
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -25,6 +32,7 @@ import datasets
 import metric
 import models
 import settings
+from matfile import one_line
 from settings import UserError
 
 
@@ -58,11 +66,11 @@ def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
 
 
-# ===== the session: networks, optimisers, train / eval / save / load =====
+# ===== the session: networks and optimisers; one epoch of training, one evaluation =====
 
 class Session:
-    """The authors' Session: the networks and optimisers, with train (one epoch), eval,
-    save and load."""
+    """The authors' Session: the networks and optimisers, one epoch of training, one
+    evaluation, and their state. Where the run stands (epoch, step, times) is Run's."""
 
     def __init__(self, cfg, data):
         self.cfg = cfg
@@ -92,12 +100,6 @@ class Session:
         self.opt_txt = torch.optim.SGD(self.txt_net.parameters(), lr=cfg.LR_TXT,
                                        momentum=cfg.MOMENTUM, weight_decay=cfg.WEIGHT_DECAY,
                                        fused=True)
-        self.epoch = 0        # epochs completed
-        self.step = 0         # batches completed in the current epoch (after an interrupt)
-        self.loss_sum = 0.0   # of those batches
-        self.elapsed = 0.0    # training and evaluation seconds, over all resumes
-        self.evals = []       # every evaluation: {'epoch', 'map_i2t', 'map_t2i'}
-        self.stop_requested = False
 
     # ----- training -----
 
@@ -131,39 +133,27 @@ class Session:
         self.opt_txt.step()
         return loss.detach()
 
-    def train(self, epoch):
-        """One epoch from batch self.step on; returns (mean loss, pairs per second) or None
-        when SIGINT asked to stop part-way."""
+    def train_epoch(self, epoch, skip=0):
+        """Train on the batches of the 0-based `epoch` from batch `skip` on, yielding each
+        batch's loss. The epoch's batches, crops and dropout depend only on (SEED, epoch): a
+        resumed epoch replays the loader to batch `skip`, then goes on with the random state
+        the checkpoint restored, and draws what an uninterrupted one draws."""
         cfg = self.cfg
         alpha_epoch = epoch if cfg.ANNEAL else 0  # alpha = sqrt(0 + 1) = 1 without annealing
         self.img_net.set_alpha(alpha_epoch)
         self.txt_net.set_alpha(alpha_epoch)
         self.img_net.train()
         self.txt_net.train()
-        skip, resume_rng = self.step, self.rng_state() if self.step else None
+        resume_rng = self.rng_state() if skip else None
         torch.manual_seed(epoch_seed(cfg.SEED, epoch))
         generator = torch.Generator().manual_seed(epoch_seed(cfg.SEED, epoch))
         loader = datasets.make_loader(self.data, 'train', cfg, generator=generator)
-        start, done = time.perf_counter(), 0
-        for i, (images, texts, _, _) in enumerate(loader):
-            if i < skip:  # replay the loader to batch `skip`, so the same data follows
+        for i, (images, texts, _, _) in enumerate(datasets.batches(loader)):
+            if i < skip:
                 if i == skip - 1:
                     self.set_rng_state(resume_rng)
                 continue
-            loss = self.train_step(images, texts)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                                f"stopped (the last good checkpoint is kept); settings: "
-                                f"{settings_line(cfg)}")
-            self.loss_sum += loss.item()
-            self.step, done = i + 1, done + len(images)
-            if self.stop_requested:
-                return None
-        seconds = time.perf_counter() - start
-        self.elapsed += seconds
-        mean_loss = self.loss_sum / max(self.step, 1)
-        self.step, self.loss_sum = 0, 0.0
-        return mean_loss, done / seconds
+            yield self.train_step(images, texts).item()
 
     # ----- evaluation -----
 
@@ -174,7 +164,8 @@ class Session:
         self.txt_net.eval()
         loader = datasets.make_loader(self.data, part, self.cfg)
         img_codes, txt_codes, labels = [], [], []
-        for images, texts, batch_labels, _ in tqdm(loader, desc=f'encode {part}', leave=False,
+        for images, texts, batch_labels, _ in tqdm(datasets.batches(loader), total=len(loader),
+                                                   desc=f'encode {part}', leave=False,
                                                    disable=not sys.stderr.isatty()):
             with self.autocast():
                 _, hid_I, _ = self.img_net(self.images_to_device(images))
@@ -184,26 +175,26 @@ class Session:
             labels.append(batch_labels)
         return torch.cat(img_codes), torch.cat(txt_codes), torch.cat(labels).to(self.device)
 
-    def eval(self):
-        """mAP@TOPK both ways; returns (result dict, codes dict of NumPy arrays)."""
-        start = time.perf_counter()
+    def evaluate(self):
+        """mAP@TOPK both ways; returns (result dict, codes dict of NumPy arrays). Row i of
+        the query codes is pair query_index[i], row j of the database codes db_index[j]."""
         q_img, q_txt, q_lab = self.encode('query')
         r_img, r_txt, r_lab = self.encode('database')
         topk = self.cfg.TOPK
-        result = {'epoch': self.epoch,
-                  'map_i2t': metric.calculate_top_map(q_img, r_txt, q_lab, r_lab, topk),
+        result = {'map_i2t': metric.calculate_top_map(q_img, r_txt, q_lab, r_lab, topk),
                   'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk),
                   # full mAP: over the whole retrieval set (the feature protocol's number)
                   'map_all_i2t': metric.calculate_map(q_img, r_txt, q_lab, r_lab),
                   'map_all_t2i': metric.calculate_map(q_txt, r_img, q_lab, r_lab)}
-        result['eval_time_s'] = time.perf_counter() - start
         codes = dict(query_img=q_img, query_txt=q_txt, db_img=r_img, db_txt=r_txt,
                      query_labels=q_lab, db_labels=r_lab)
         codes = {k: v.cpu().numpy().astype(np.uint8 if 'labels' in k else np.int8)
                  for k, v in codes.items()}
+        codes.update(query_index=self.data.query.astype(np.int64),
+                     db_index=self.data.database.astype(np.int64))
         return result, codes
 
-    # ----- checkpoints -----
+    # ----- state -----
 
     def rng_state(self):
         state = {'cpu': torch.get_rng_state()}
@@ -216,44 +207,163 @@ class Session:
         if 'cuda' in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state['cuda'])
 
-    def state_dict(self):
-        # FeatNet_I is not saved: it is rebuilt from the same weights, seeded by SEED.
-        return {'img_net': self.img_net.state_dict(), 'txt_net': self.txt_net.state_dict(),
-                'opt_img': self.opt_img.state_dict(), 'opt_txt': self.opt_txt.state_dict(),
-                'epoch': self.epoch, 'step': self.step, 'loss_sum': self.loss_sum,
-                'elapsed': self.elapsed, 'evals': self.evals, 'rng': self.rng_state(),
-                'split': {k: torch.from_numpy(getattr(self.data, k))
-                          for k in ('query', 'train', 'database')},
-                'settings': vars(self.cfg)}
+    def state_dict(self, optimizer=True):
+        """The networks, the split and the settings (what EVAL=True and search need), and
+        with optimizer=True what training on needs: the optimisers and the random state.
+        FeatNet_I is not saved: it is rebuilt from the same weights, seeded by SEED."""
+        state = {'img_net': self.img_net.state_dict(), 'txt_net': self.txt_net.state_dict(),
+                 'split': {k: torch.from_numpy(getattr(self.data, k))
+                           for k in ('query', 'train', 'database')},
+                 'settings': vars(self.cfg)}
+        if optimizer:
+            state.update(opt_img=self.opt_img.state_dict(), opt_txt=self.opt_txt.state_dict(),
+                         rng=self.rng_state())
+        return state
 
-    def save(self, path):
-        atomic_write(path, lambda f: torch.save(self.state_dict(), f))
-
-    def load(self, path):
-        state = read_checkpoint(path)
+    def load_checkpoint(self, path, state, optimizer):
+        """Load a checkpoint read by read_checkpoint; optimizer=True also loads the optimisers
+        and the random state, to train on."""
         check_same_experiment(path, state['settings'], vars(self.cfg))
         split = {key: idx.numpy() for key, idx in state['split'].items()}
-        n_pairs = len(self.data.texts)
+        n_pairs, text_dim = self.data.texts.shape
         if max(idx.max(initial=-1) for idx in split.values()) >= n_pairs:
             raise UserError(f"checkpoint {path}: its split indexes pairs beyond the {n_pairs} "
                             f"of the data in DATA_DIR={self.cfg.DATA_DIR!r}; use the data it "
                             f"was trained on, or RESUME=False")
+        saved_dim = state['txt_net'].get('fc1.weight', torch.empty(0, 0)).shape[-1]
+        if saved_dim != text_dim:
+            raise UserError(f"checkpoint {path}: its text network reads {saved_dim}-d texts, "
+                            f"the data in DATA_DIR={self.cfg.DATA_DIR!r} has {text_dim}-d ones; "
+                            f"use the data it was trained on, or RESUME=False")
         models.check_shapes(path, f"image network ({feature_source(self.cfg)})", self.img_net,
                             state['img_net'])
-        models.check_shapes(path, f"text network (TEXT_FEATURES={self.cfg.TEXT_FEATURES!r})",
-                            self.txt_net, state['txt_net'])
-        self.img_net.load_state_dict(state['img_net'])
-        self.txt_net.load_state_dict(state['txt_net'])
-        self.opt_img.load_state_dict(state['opt_img'])
-        self.opt_txt.load_state_dict(state['opt_txt'])
-        for key in ('epoch', 'step', 'loss_sum', 'elapsed', 'evals'):
-            setattr(self, key, state[key])
+        load_weights(path, 'img_net', self.img_net, state['img_net'])
+        load_weights(path, 'txt_net', self.txt_net, state['txt_net'])
+        if optimizer:
+            load_weights(path, 'opt_img', self.opt_img, state['opt_img'])
+            load_weights(path, 'opt_txt', self.opt_txt, state['opt_txt'])
+            self.set_rng_state(state['rng'])
         for key, idx in split.items():
             setattr(self.data, key, idx)
-        self.set_rng_state(state['rng'])
 
 
-# ===== helpers: device, files, logging =====
+# ===== checkpoints and files =====
+
+# What torch.load raises on a truncated, corrupt or foreign file; anything else is a bug.
+CHECKPOINT_ERRORS = (OSError, EOFError, KeyError, ValueError, RuntimeError,
+                     pickle.UnpicklingError, zipfile.BadZipFile)
+CHECKPOINT_KEYS = ('img_net', 'txt_net', 'split', 'settings', 'epoch', 'evals')
+TRAINING_KEYS = ('opt_img', 'opt_txt', 'rng', 'step', 'loss_sum')
+
+
+def read_checkpoint(path):
+    """A checkpoint of train.py, checked to be one; UserError for anything else."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except CHECKPOINT_ERRORS as err:
+        raise UserError(f"checkpoint {path}: cannot be read, truncated or corrupt? "
+                        f"({one_line(err)}); move it away, or pass "
+                        f"RESUME=False to start over") from err
+    if not isinstance(state, dict):
+        found = f"a {type(state).__name__}"
+    else:
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        found = f"no {', '.join(missing)}" if missing else None
+        if not missing and not (isinstance(state['settings'], dict)
+                                and isinstance(state['split'], dict)
+                                and set(state['split']) == {'query', 'train', 'database'}):
+            found = "its settings or split are not what train.py writes"
+    if found:
+        raise UserError(f"checkpoint {path}: not a checkpoint written by train.py ({found}); "
+                        f"move it away, or pass RESUME=False to start over")
+    return state
+
+
+def load_weights(path, key, module, state):
+    """module.load_state_dict(state), a mismatch being the checkpoint's fault."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise UserError(f"checkpoint {path}: its {key} does not fit this model "
+                        f"({one_line(err)}); use another RUN_NAME, or "
+                        f"RESUME=False to start over") from err
+
+
+def check_same_experiment(path, saved, current):
+    """Refuse to go on with settings that make another experiment (the speed settings and
+    the schedule may change). A setting newer than the run counts as its default."""
+    default = settings.defaults()
+    diffs = [f"{k}: {saved.get(k, default.get(k))!r} there, {current.get(k)!r} now"
+             for k in sorted(set(saved) | set(current))
+             if k not in settings.RUN_CONTROL | settings.SCHEDULE | {'commit', 'versions'}
+             and saved.get(k, default.get(k)) != current.get(k)]
+    if diffs:
+        raise UserError(f"{path} is from a different experiment ({'; '.join(diffs)}); "
+                        f"use another RUN_NAME, or RESUME=False to start over")
+
+
+TMP_MARK = '.tmp'   # atomic_write's temporaries are <name>.tmp<pid>
+
+
+def atomic_write(path, write):
+    """Write through a temporary file and rename, so that a crash, a kill or a full disk
+    never leaves half a file: the previous version stays until the new one is complete."""
+    tmp = f"{path}{TMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(write_error(path, err)) from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+
+def write_error(path, err):
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device while writing {path}; every file written "
+                f"before it is intact (the previous checkpoint too): free some space and run "
+                f"the same command to continue")
+    return f"cannot write {path} ({one_line(err)})"
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+
+
+def append_jsonl(path, obj):
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(obj) + '\n')
+    except OSError as err:
+        raise UserError(write_error(path, err)) from err
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot be read ({one_line(err)}); move it "
+                        f"away, or pass RESUME=False to start over") from err
+
+
+def remove_stale_temporaries(folder):
+    """Temporaries of writes that a kill cut short (their names carry the dead process's
+    id). Only called under the run directory's lock: no live process is writing them."""
+    for root in (folder, os.path.join(folder, 'codes')):
+        names = os.listdir(root) if os.path.isdir(root) else []
+        for name in names:
+            stem, mark, pid = name.rpartition(TMP_MARK)
+            if mark and stem and pid.isdigit():
+                os.remove(os.path.join(root, name))
+
+
+# ===== helpers: device, versions, the run directory's lock =====
 
 def feature_source(cfg):
     if cfg.PUBLISHED:
@@ -280,47 +390,6 @@ def configure_torch(cfg):
     torch.backends.cudnn.allow_tf32 = cfg.TF32
 
 
-def atomic_write(path, write):
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
-
-
-def append_jsonl(path, obj):
-    with open(path, 'a') as f:
-        f.write(json.dumps(obj) + '\n')
-
-
-def read_checkpoint(path):
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise UserError(f"checkpoint {path}: cannot be read ({type(err).__name__}); "
-                        f"move it away or pass RESUME=False to start over") from None
-
-
-def check_same_experiment(path, saved, current):
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
-             for k in sorted(set(saved) | set(current))
-             if k not in settings.RUN_CONTROL | settings.SCHEDULE
-             and saved.get(k) != current.get(k)]
-    if diffs:
-        raise UserError(f"checkpoint {path} is from a different experiment ({'; '.join(diffs)}); "
-                        f"use another RUN_NAME, or RESUME=False to start over")
-
-
 def settings_line(cfg):
     return ' '.join(f"{k}={v!r}" for k, v in sorted(vars(cfg).items()))
 
@@ -340,152 +409,342 @@ def versions():
             'torchvision': torchvision.__version__, 'numpy': np.__version__}
 
 
-def make_run_dir(cfg):
-    path = os.path.join(cfg.OUT_DIR, cfg.RUN_NAME or settings.default_run_name(cfg))
+LOCK_NAME = '.lock'
+
+
+@contextlib.contextmanager
+def locked_run_dir(path, create):
+    """Hold an exclusive OS lock on the run directory (the OS drops it when the process
+    dies, so a killed run never blocks the next). create=True makes the directory; if the
+    block then fails, the folders it made are removed again while they are empty."""
+    made = missing_folders(path) if create else []
     try:
-        os.makedirs(os.path.join(path, 'codes'), exist_ok=True)
-        probe = os.path.join(path, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
+        for folder in reversed(made):
+            os.mkdir(folder)
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise UserError(f"setting OUT_DIR={cfg.OUT_DIR!r}: cannot write the run directory "
-                        f"{path} ({err.strerror})") from None
-    return path
+        remove_empty(made)
+        raise UserError(f"setting OUT_DIR={os.path.dirname(path)!r}: cannot write the run "
+                        f"directory {path} ({one_line(err)})") from None
+    ok = False
+    try:
+        take_lock(fd, path)
+        yield
+        ok = True
+    finally:
+        os.close(fd)
+        if not ok and made and set(os.listdir(path)) <= {LOCK_NAME, 'codes'}:
+            remove_empty([os.path.join(path, 'codes'), os.path.join(path, LOCK_NAME), *made])
+
+
+def take_lock(fd, path):
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 100, 0).decode(errors='replace').strip() or 'another process'
+        raise UserError(f"run directory {path} is in use by another train.py ({holder}); "
+                        f"wait for it to end, or choose another RUN_NAME") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {platform.node()}\n".encode(), 0)
+
+
+def missing_folders(path):
+    """The folders os.makedirs(path) would make, deepest first."""
+    out = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+def remove_empty(paths):
+    """Remove these files and empty folders, in order; leave anything that holds more."""
+    for path in paths:
+        try:
+            os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:
+            pass
 
 
 # ===== the run =====
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands, saved in every checkpoint. Only Run's loop moves it on."""
+    epoch: int = 0          # epochs completed
+    step: int = 0           # batches completed of the next epoch (after a Ctrl-C)
+    loss_sum: float = 0.0   # the loss summed over those batches
+    train_s: float = 0.0    # seconds of training, over every resume
+    eval_s: float = 0.0     # seconds of evaluation, the untrained and final ones included
+    evals: list = dataclasses.field(default_factory=list)  # every evaluation's result
+
+    @classmethod
+    def from_checkpoint(cls, state):
+        return cls(epoch=state['epoch'], step=state.get('step', 0),
+                   loss_sum=state.get('loss_sum', 0.0),
+                   train_s=state.get('train_s', state.get('elapsed', 0.0)),
+                   eval_s=state.get('eval_s', 0.0), evals=list(state['evals']))
+
+
 class Run:
-    """One run directory: its files, the session, the loop over epochs."""
+    """One run directory: its files, its lock, and the loop over epochs."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.dir = make_run_dir(cfg)
+        self.dir = os.path.join(cfg.OUT_DIR, cfg.RUN_NAME or settings.default_run_name(cfg))
         self.ckpt = os.path.join(self.dir, 'checkpoint.pt')
         self.metrics = os.path.join(self.dir, 'metrics.jsonl')
+        self.results = os.path.join(self.dir, 'results.json')
         self.commit = git_commit()
+        self.progress = Progress()
+        self.stop_requested = False
+
+    def train_to_end(self):
+        """Train from scratch or from the checkpoint to NUM_EPOCH, then write the results."""
+        print(f"run directory: {self.dir}")
+        with locked_run_dir(self.dir, create=True):
+            remove_stale_temporaries(self.dir)
+            results = self.finished_results()
+            if results:
+                return self.report_finished(results)
+            self.start()
+            self.resume_or_start_fresh()
+            with self.ctrl_c_stops_after_batch():
+                self.loop()
+            self.finish()
 
     def start(self):
         cfg = self.cfg
         configure_torch(cfg)
-        print(f"run directory: {self.dir}")
         print(f"commit {self.commit}, " + ', '.join(f"{k} {v}" for k, v in versions().items()))
         print(f"settings: {settings_line(cfg)}")
         self.session = Session(cfg, datasets.load(cfg))
-        print(f"device: {self.session.device}; pairs: query {len(self.session.data.query)}, "
-              f"train {len(self.session.data.train)}, database {len(self.session.data.database)}")
+        data = self.session.data
+        print(f"device: {self.session.device}; pairs: query {len(data.query)}, "
+              f"train {len(data.train)}, database {len(data.database)}")
 
-    def evaluate(self, tag=''):
-        sess = self.session
-        result, codes = sess.eval()
-        name = f"codes/epoch_{sess.epoch:03d}{tag}.npz"
-        atomic_write(os.path.join(self.dir, name), lambda f: np.savez_compressed(f, **codes))
-        result['codes'] = name
-        print(f"epoch {sess.epoch}: mAP@{self.cfg.TOPK} I->T {result['map_i2t']:.4f}, "
-              f"T->I {result['map_t2i']:.4f}; mAP@all I->T {result['map_all_i2t']:.4f}, "
-              f"T->I {result['map_all_t2i']:.4f} ({result['eval_time_s']:.1f} s)")
-        return result
-
-    def train(self):
-        cfg, sess = self.cfg, self.session
-        if cfg.RESUME and os.path.exists(self.ckpt):
-            sess.load(self.ckpt)
-            print(f"resumed from {self.ckpt} at epoch {sess.epoch}, step {sess.step}")
-        else:
-            self.fresh_start()
-        previous = signal.signal(signal.SIGINT, self.request_stop)
-        try:
-            self.loop()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if sess.stop_requested:
-            sess.save(self.ckpt)
-            print(f"interrupted: saved {self.ckpt} at epoch {sess.epoch}, step {sess.step}; "
-                  f"run the same command to continue")
-            sys.exit(130)
-        self.finish()
-
-    def fresh_start(self):
-        cfg, sess = self.cfg, self.session
-        for name in ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json'):
-            if os.path.exists(os.path.join(self.dir, name)):
-                os.remove(os.path.join(self.dir, name))
-        write_json(os.path.join(self.dir, 'settings.json'),
-                   {**vars(cfg), 'commit': self.commit, 'versions': versions()})
-        split = {k: getattr(sess.data, k) for k in ('query', 'train', 'database')}
-        atomic_write(os.path.join(self.dir, 'split.npz'), lambda f: np.savez(f, **split))
-        if cfg.EVAL_UNTRAINED:
-            result = self.evaluate()
-            sess.evals.append(result)
-            append_jsonl(self.metrics, {**result, 'eval': True, 'untrained': True})
-        sess.save(self.ckpt)
-
-    def request_stop(self, signum, frame):
-        print("SIGINT: stopping after this batch (press again to abort at once)")
-        self.session.stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # ----- the loop -----
 
     def loop(self):
-        cfg, sess = self.cfg, self.session
-        epochs = range(sess.epoch, cfg.NUM_EPOCH)
-        for epoch in tqdm(epochs, desc='epochs', disable=not sys.stderr.isatty()):
-            out = sess.train(epoch)
-            if out is None:
-                return
-            loss, speed = out
-            sess.epoch = epoch + 1
-            line = {'epoch': sess.epoch, 'loss': loss, 'images_per_s': speed}
+        """Epochs from where the run stands to NUM_EPOCH: train, log, evaluate, save."""
+        cfg, p = self.cfg, self.progress
+        while p.epoch < cfg.NUM_EPOCH and not self.stop_requested:
+            start, first_step = time.perf_counter(), p.step
+            for loss in self.session.train_epoch(p.epoch, skip=p.step):
+                if not math.isfinite(loss):
+                    raise UserError(f"loss is {loss} at epoch {p.epoch + 1}, step {p.step + 1}; "
+                                    f"stopped (the last good checkpoint is kept); settings: "
+                                    f"{settings_line(cfg)}")
+                p.step, p.loss_sum = p.step + 1, p.loss_sum + loss
+                if self.stop_requested:
+                    break
+            seconds = time.perf_counter() - start
+            p.train_s += seconds
+            if self.stop_requested:
+                break
+            speed = (p.step - first_step) * cfg.BATCH_SIZE / seconds
+            line = {'epoch': p.epoch + 1, 'loss': p.loss_sum / p.step, 'images_per_s': speed}
+            p.epoch, p.step, p.loss_sum = p.epoch + 1, 0, 0.0
             append_jsonl(self.metrics, line)
-            print(f"epoch {sess.epoch}/{cfg.NUM_EPOCH}: loss {loss:.5f}, {speed:.1f} images/s")
-            if sess.epoch % cfg.EVAL_INTERVAL == 0 or sess.epoch == cfg.NUM_EPOCH:
-                result = self.evaluate()
-                sess.elapsed += result['eval_time_s']
-                sess.evals.append(result)
-                append_jsonl(self.metrics, {**result, 'eval': True})
-            sess.save(self.ckpt)
+            print(f"epoch {p.epoch}/{cfg.NUM_EPOCH}: loss {line['loss']:.5f}, "
+                  f"{speed:.1f} images/s")
+            if p.epoch % cfg.EVAL_INTERVAL == 0 or p.epoch == cfg.NUM_EPOCH:
+                self.evaluate_and_save()
+            self.save_checkpoint()
+        if self.stop_requested:
+            self.save_checkpoint()
+            print(f"interrupted: saved {self.ckpt} at epoch {p.epoch}, step {p.step}; "
+                  f"run the same command to continue")
+            sys.exit(130)
+
+    def evaluate_and_save(self, tag=''):
+        """Evaluate the networks now; save the codes; log the result (tag '' only: EVAL=True
+        passes '_eval' and leaves the run's own record alone)."""
+        p, start = self.progress, time.perf_counter()
+        result, codes = self.session.evaluate()
+        name = f"codes/epoch_{p.epoch:03d}{tag}.npz"
+        os.makedirs(os.path.join(self.dir, 'codes'), exist_ok=True)
+        atomic_write(os.path.join(self.dir, name), lambda f: np.savez_compressed(f, **codes))
+        seconds = time.perf_counter() - start
+        result = {'epoch': p.epoch, **result, 'eval_time_s': seconds, 'codes': name}
+        print(f"epoch {p.epoch}: mAP@{self.cfg.TOPK} I->T {result['map_i2t']:.4f}, "
+              f"T->I {result['map_t2i']:.4f}; mAP@all I->T {result['map_all_i2t']:.4f}, "
+              f"T->I {result['map_all_t2i']:.4f} ({seconds:.1f} s)")
+        if not tag:
+            p.eval_s += seconds
+            p.evals.append(result)
+            untrained = {'untrained': True} if p.epoch == 0 else {}
+            append_jsonl(self.metrics, {**result, 'eval': True, **untrained})
+        return result
+
+    def save_checkpoint(self):
+        """The whole state while training is left (or KEEP_OPTIMIZER=True); at the end only
+        what EVAL=True and search need: the networks, the split, the settings."""
+        p = self.progress
+        training_left = p.epoch < self.cfg.NUM_EPOCH
+        state = self.session.state_dict(optimizer=training_left or self.cfg.KEEP_OPTIMIZER)
+        state.update(dataclasses.asdict(p))
+        atomic_write(self.ckpt, lambda f: torch.save(state, f))
+
+    @contextlib.contextmanager
+    def ctrl_c_stops_after_batch(self):
+        """The first Ctrl-C lets the current batch finish, then the loop saves and stops; a
+        second one stops at once (KeyboardInterrupt), leaving the last checkpoint intact."""
+        def request_stop(signum, frame):
+            print("Ctrl-C: stopping after this batch (press again to stop at once)",
+                  flush=True)
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # ----- starting, resuming, finishing -----
+
+    def resume_or_start_fresh(self):
+        cfg = self.cfg
+        if not (cfg.RESUME and os.path.exists(self.ckpt)):
+            return self.start_fresh()
+        state = read_checkpoint(self.ckpt)
+        progress = Progress.from_checkpoint(state)
+        training_left = progress.epoch < cfg.NUM_EPOCH
+        missing = [k for k in TRAINING_KEYS if k not in state]
+        if training_left and missing:
+            raise UserError(f"checkpoint {self.ckpt} holds no optimiser state (a run finished "
+                            f"at epoch {progress.epoch} keeps only its networks, unless "
+                            f"KEEP_OPTIMIZER=True): it cannot train on to NUM_EPOCH="
+                            f"{cfg.NUM_EPOCH}; use another RUN_NAME, or RESUME=False")
+        self.session.load_checkpoint(self.ckpt, state, optimizer=training_left)
+        self.progress = progress
+        trim_metrics(self.metrics, progress)
+        print(f"resumed from {self.ckpt} at epoch {progress.epoch}, step {progress.step}")
+
+    def start_fresh(self):
+        """A new run in this directory: earlier results go, then settings, split, the
+        untrained evaluation (EVAL_UNTRAINED) and the first checkpoint."""
+        cfg, data = self.cfg, self.session.data
+        codes = os.path.join(self.dir, 'codes')
+        old = [os.path.join(codes, n) for n in (os.listdir(codes) if os.path.isdir(codes) else [])
+               if n.startswith('epoch_') and n.endswith('.npz')]
+        for path in [*(os.path.join(self.dir, name) for name in FRESH_START_REMOVES), *old]:
+            if os.path.exists(path):
+                os.remove(path)
+        write_json(os.path.join(self.dir, 'settings.json'),
+                   {**vars(cfg), 'commit': self.commit, 'versions': versions()})
+        split = {k: getattr(data, k) for k in ('query', 'train', 'database')}
+        atomic_write(os.path.join(self.dir, 'split.npz'), lambda f: np.savez(f, **split))
+        if cfg.EVAL_UNTRAINED:
+            self.evaluate_and_save()
+        self.save_checkpoint()
+
+    def finished_results(self):
+        """results.json of this run if it is finished for these settings, else None."""
+        cfg = self.cfg
+        if not (cfg.RESUME and os.path.exists(self.results)):
+            return None
+        saved_settings = os.path.join(self.dir, 'settings.json')
+        if os.path.exists(saved_settings):
+            saved = read_json(saved_settings)
+            if isinstance(saved, dict):
+                check_same_experiment(saved_settings, saved, vars(cfg))
+        results = read_json(self.results)
+        if not isinstance(results, dict) or not isinstance(results.get('epoch'), int):
+            raise UserError(f"{self.results}: not what train.py writes (no epoch); move it "
+                            f"away, or pass RESUME=False to start over")
+        return results if results['epoch'] >= cfg.NUM_EPOCH else None
+
+    def report_finished(self, results):
+        untrained = (f" (untrained: I->T {results['untrained_map_i2t']:.4f}, T->I "
+                     f"{results['untrained_map_t2i']:.4f})"
+                     if 'untrained_map_i2t' in results else '')
+        print(f"finished already at epoch {results['epoch']}: mAP@{results.get('topk')} "
+              f"I->T {results['map_i2t']:.4f}, T->I {results['map_t2i']:.4f}{untrained}")
+        print(f"results: {self.results} (RESUME=False trains it again; a larger NUM_EPOCH "
+              f"trains on if KEEP_OPTIMIZER=True kept the optimiser state)")
 
     def finish(self):
-        cfg, sess = self.cfg, self.session
-        final = sess.evals[-1]
-        if final['epoch'] != sess.epoch:  # NUM_EPOCH raised after the last evaluation
-            final = self.evaluate()
-            sess.evals.append(final)
-            sess.save(self.ckpt)
+        cfg, p = self.cfg, self.progress
+        final = p.evals[-1] if p.evals else None
+        if final is None or final['epoch'] != p.epoch:  # NUM_EPOCH lowered after a resume
+            final = self.evaluate_and_save()
+            self.save_checkpoint()
         results = {'dataset': cfg.DATASET, 'variant': cfg.VARIANT, 'backbone': cfg.BACKBONE,
                    'code_len': cfg.CODE_LEN, 'seed': cfg.SEED, 'split_seed': cfg.SPLIT_SEED,
                    'topk': cfg.TOPK, 'epoch': final['epoch'], 'map_i2t': final['map_i2t'],
                    'map_t2i': final['map_t2i'], 'map_all_i2t': final.get('map_all_i2t'),
                    'map_all_t2i': final.get('map_all_t2i'), 'image_features':
                    cfg.PUBLISHED or cfg.IMAGE_FEATURES, 'text_features': cfg.TEXT_FEATURES}
-        untrained = [e for e in sess.evals if e['epoch'] == 0]
+        untrained = [e for e in p.evals if e['epoch'] == 0]
         if untrained:
             results['untrained_map_i2t'] = untrained[0]['map_i2t']
             results['untrained_map_t2i'] = untrained[0]['map_t2i']
         results.update(commit=self.commit, codes=final['codes'])
         # Timing apart, so that two runs with the same seed write identical results.json.
-        write_json(os.path.join(self.dir, 'timing.json'), {'wall_time_s': round(sess.elapsed, 1)})
-        write_json(os.path.join(self.dir, 'results.json'), results)
+        write_json(os.path.join(self.dir, 'timing.json'),
+                   {'train_time_s': round(p.train_s, 1), 'eval_time_s': round(p.eval_s, 1),
+                    'wall_time_s': round(p.train_s + p.eval_s, 1)})
+        write_json(self.results, results)   # last: its presence marks the run finished
         print(f"final mAP@{cfg.TOPK}: I->T {final['map_i2t']:.4f}, T->I {final['map_t2i']:.4f}")
-        print(f"results: {os.path.join(self.dir, 'results.json')}")
+        print(f"results: {self.results}")
 
     def eval_checkpoint(self):
-        if not os.path.exists(self.ckpt):
+        """EVAL=True: evaluate the run's checkpoint; write eval.json, never results.json."""
+        print(f"run directory: {self.dir}")
+        if not os.path.isfile(self.ckpt):
             raise UserError(f"EVAL=True: no checkpoint at {self.ckpt}; train first, or set "
                             f"RUN_NAME/OUT_DIR to the run to evaluate")
-        self.session.load(self.ckpt)
-        result = self.evaluate(tag='_eval')
-        write_json(os.path.join(self.dir, 'eval.json'), result)
-        print(f"evaluated {self.ckpt}; written {os.path.join(self.dir, 'eval.json')}")
+        with locked_run_dir(self.dir, create=False):
+            self.start()
+            state = read_checkpoint(self.ckpt)
+            self.session.load_checkpoint(self.ckpt, state, optimizer=False)
+            self.progress = Progress.from_checkpoint(state)
+            result = self.evaluate_and_save(tag='_eval')
+            write_json(os.path.join(self.dir, 'eval.json'), result)
+            print(f"evaluated {self.ckpt}; written {os.path.join(self.dir, 'eval.json')}")
+
+
+FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json')
+
+
+def trim_metrics(path, progress):
+    """metrics.jsonl as of the checkpoint: lines written after it (by a run killed, or
+    failing to save, before its next checkpoint) go, so that each epoch appears once."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot be read ({one_line(err)}); move it "
+                        f"away to resume without it") from err
+    kept, evals, epochs = [], 0, set()
+    for line in lines:
+        if line.get('eval'):
+            evals += 1
+            if evals <= len(progress.evals):
+                kept.append(line)
+        elif line.get('epoch', 0) <= progress.epoch and line.get('epoch') not in epochs:
+            epochs.add(line.get('epoch'))
+            kept.append(line)
+    if kept != lines:
+        atomic_write(path, lambda f: f.write(''.join(json.dumps(l) + '\n' for l in kept)
+                                             .encode()))
 
 
 def main(argv):
     cfg = settings.resolve(argv)
     run = Run(cfg)
-    run.start()
     if cfg.EVAL:
         run.eval_checkpoint()
     else:
-        run.train()
+        run.train_to_end()
     return run.dir
 
 

@@ -120,14 +120,80 @@ def test_which_codes_file(tmp_path):
     assert plots.find_codes(run / 'codes' / 'epoch_080.npz').name == 'epoch_080.npz'
 
 
-@pytest.mark.parametrize('argv', [['nowhere', '--out', 'x.png'],
-                                  ['RUN', '--out', 'x.png', '--epoch', '7']])
-def test_user_mistakes_exit_2(argv, tmp_path, capsys):
+def broken(tmp_path, how):
+    """A run directory or codes file spoiled in one way; returns the argument to pass."""
+    rng = np.random.default_rng(5)
+    run = save_run(tmp_path / 'RUN', make_codes(rng))
+    npz = run / 'codes' / 'epoch_003.npz'
+    if how == 'truncated_npz':
+        npz.write_bytes(npz.read_bytes()[:300])
+    elif how == 'foreign_npz':
+        np.savez(npz, weights=np.zeros(3))
+    elif how == 'npy_file':
+        np.save(tmp_path / 'codes.npy', np.zeros(3))
+        return tmp_path / 'codes.npy'
+    elif how == 'text_file':
+        (tmp_path / 'notes.npz').write_text('not a zip')
+        return tmp_path / 'notes.npz'
+    elif how == 'shapes':
+        codes = make_codes(rng)
+        codes['db_labels'] = codes['db_labels'][:, 0]   # 1-D labels
+        np.savez(npz, **codes)
+    elif how == 'results_list':
+        (run / 'results.json').write_text('[1, 2]')
+    elif how == 'results_codes_number':
+        (run / 'results.json').write_text('{"codes": 5, "dataset": "DEMO"}')
+    elif how == 'results_not_json':
+        (run / 'results.json').write_text('{"codes": ')
+    return run
+
+
+BROKEN = {  # case -> (output name, words of the one-line error)
+    'nowhere': ('x.png', ['no such run directory']),
+    'epoch_missing': ('x.png', ['no codes saved at epoch 7']),
+    'truncated_npz': ('x.png', ['epoch_003.npz', 'cannot be read']),
+    'foreign_npz': ('x.png', ['epoch_003.npz', 'not a codes file', 'query_img']),
+    'npy_file': ('x.png', ['codes.npy', 'single array']),
+    'text_file': ('x.png', ['notes.npz', 'cannot be read']),
+    'shapes': ('x.png', ['epoch_003.npz', 'db_labels']),
+    'results_list': ('x.png', ['results.json', 'list']),
+    'results_codes_number': ('x.png', None),   # the codes it names cannot be: the latest ones
+    'results_not_json': ('x.png', ['results.json', 'cannot be read']),
+    'out_is_a_folder': ('folder', ['--out', 'is a folder']),
+    'out_unknown_type': ('x.xyz', ['--out', '.xyz', '.png']),
+    'out_no_extension': ('curves', ['--out', '(none)']),
+}
+
+
+@pytest.mark.parametrize('case', list(BROKEN))
+def test_broken_input_is_one_line(case, tmp_path, capsys):
     import settings
-    save_run(tmp_path / 'RUN', make_codes(np.random.default_rng(5)))
-    argv = [str(tmp_path / a) if a in ('nowhere', 'RUN', 'x.png') else a for a in argv]
+    out_name, words = BROKEN[case]
+    target = broken(tmp_path, case)
+    if case == 'nowhere':
+        target = tmp_path / 'nowhere'
+    (tmp_path / 'folder').mkdir()
+    argv = [str(target), '--out', str(tmp_path / out_name)]
+    argv += ['--epoch', '7'] if case == 'epoch_missing' else []
+    if words is None:   # not an error: results.json's unusable 'codes' is passed over
+        assert plots.main(argv) == 0
+        assert capsys.readouterr().out.strip() == f'written: {tmp_path / out_name}'
+        return
     with pytest.raises(SystemExit) as exit_:
         settings.run_cli(plots.main, argv)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.startswith('error: ')
-    assert not (tmp_path / 'x.png').exists()
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    for word in words:
+        assert word in err, err
+    assert [p.name for p in tmp_path.iterdir() if p.suffix in ('.png', '.xyz')] == []
+    assert list((tmp_path / 'folder').iterdir()) == []
+
+
+def test_out_names_exactly_the_file_written(tmp_path, capsys):
+    run = save_run(tmp_path / 'run', make_codes(np.random.default_rng(6)))
+    out = tmp_path / 'figs' / 'curves.v2.pdf'
+    assert plots.main([str(run), '--out', str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f'written: {out}'
+    assert out.read_bytes()[:5] == b'%PDF-'
+    assert [p.name for p in (tmp_path / 'figs').iterdir()] == ['curves.v2.pdf']

@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +194,53 @@ def test_summary_of_nothing_is_a_user_error(tmp_path):
         reproduce.main(['summary', str(tmp_path)])
 
 
+GOOD = dict(dataset='DEMO', variant='DJSRH', backbone='alexnet', code_len=16, seed=0,
+            topk=50, map_i2t=0.5, map_t2i=0.6)
+BROKEN_RESULTS = {  # case -> (results.json text, words of the one-line error)
+    'truncated': (json.dumps(GOOD)[:20], ['results.json', 'cannot be read as JSON']),
+    'a_list': ('[0.5, 0.6]', ['results.json', 'list']),
+    'map_as_text': (json.dumps({**GOOD, 'map_i2t': '0.5'}), ['map_i2t', "'0.5'", 'number']),
+    'code_len_as_text': (json.dumps({**GOOD, 'code_len': '16'}), ['code_len', 'integer']),
+    'code_len_bool': (json.dumps({**GOOD, 'code_len': True}), ['code_len', 'integer']),
+    'map_nan': (json.dumps({**GOOD, 'map_t2i': float('nan')}), ['map_t2i', 'number']),
+    'dataset_number': (json.dumps({**GOOD, 'dataset': 3}), ['dataset', 'string']),
+    'seed_as_text': (json.dumps({**GOOD, 'seed': 'zero'}), ['seed', 'integer']),
+}
+
+
+@pytest.mark.parametrize('case', list(BROKEN_RESULTS))
+def test_summary_of_broken_results_is_one_line(case, tmp_path, capsys):
+    text, words = BROKEN_RESULTS[case]
+    fake_results(tmp_path / 'good', 'DEMO', 'DJSRH', 16, 1, 0.5, 0.6)
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'results.json').write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        settings.run_cli(reproduce.main, ['summary', str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    for word in words:
+        assert word in err, err
+    assert not list(tmp_path.glob('summary.*'))
+
+
+def test_summary_out_names_the_files_it_writes(tmp_path, capsys):
+    fake_results(tmp_path / 'runs' / 'a', 'DEMO', 'DJSRH', 16, 0, 0.5, 0.6)
+    (tmp_path / 'runs' / 'a' / 'timing.json').write_text('{"wall_time_s": "slow"}')  # ignored
+    assert reproduce.main(['summary', str(tmp_path / 'runs'), '--out',
+                           str(tmp_path / 'tables' / 'demo.v2')]) == 0
+    written = sorted(p.name for p in (tmp_path / 'tables').iterdir())
+    assert written == ['demo.v2.csv', 'demo.v2.md']   # the prefix's own dot is kept
+    out = capsys.readouterr().out
+    assert f"written: {tmp_path / 'tables' / 'demo.v2.md'}, " \
+           f"{tmp_path / 'tables' / 'demo.v2.csv'}" in out
+    assert read_table(tmp_path / 'tables' / 'demo.v2.md')[0]['wall time / run'] == '?'
+    with pytest.raises(SystemExit) as exit_:   # a folder is not a prefix
+        settings.run_cli(reproduce.main, ['summary', str(tmp_path / 'runs'), '--out',
+                                          str(tmp_path / 'tables')])
+    assert exit_.value.code == 2 and 'is a folder' in capsys.readouterr().err
+
+
 # ===== end to end on DEMO with the real train.py =====
 REPRODUCE = Path(reproduce.__file__).resolve()
 
@@ -208,21 +254,23 @@ def test_demo_grid_interrupted_and_resumed(tmp_path):
     cmd = [sys.executable, str(REPRODUCE), '--table', 'demo', '--bits', '8', '16', '--seeds', '2',
            '--out-dir', str(runs), '--quiet', f'DATA_DIR={data}', 'NUM_EPOCH=1', 'BATCH_SIZE=8',
            'RESIZE=72', 'CROP=64', 'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64', 'EVAL_UNTRAINED=False']
-    # Ctrl-C (SIGINT to the whole process group) once the first cell has finished.
+    # Ctrl-C (SIGINT to the whole process group) once the grid says the first cell is done.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    while not list(runs.glob('*/results.json')):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=600)[0]
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if ': done in ' in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out = ''.join(seen) + proc.communicate()[0]
     assert proc.returncode == 130, out
     finished = list(runs.glob('*/results.json'))
     assert len(finished) == 1, out
     stamp = os.stat(finished[0]).st_mtime_ns
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout + again.stderr
     assert os.stat(finished[0]).st_mtime_ns == stamp  # the finished cell was not redone
     assert again.stdout.count('skipped') == 1 and 'all 4 cells finished' in again.stdout

@@ -1,6 +1,5 @@
-"""Settings resolution and the one-line errors of the command line."""
-import os
-import subprocess
+"""Settings resolution, the range of every setting, --help, and the one-line errors of the
+command line (run in this process: train.main under settings.run_cli)."""
 import sys
 
 import pytest
@@ -8,20 +7,22 @@ import torch
 
 import models
 import settings
+import train
 from settings import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def run_train(argv, capsys):
+    """`python train.py argv` in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        settings.run_cli(train.main, list(argv))
+    return stop.value.code, capsys.readouterr().err
 
 
-def run_train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr          # no traceback
+def assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err          # no traceback
     assert lines[0].startswith('error: ')
     for word in words:
         assert word in lines[0], lines[0]
@@ -60,25 +61,93 @@ def test_importing_reads_no_command_line(monkeypatch):
     assert settings.resolve().CODE_LEN == 64
 
 
-def test_unknown_setting_lists_valid_ones():
-    proc = run_train('LEARNING_RATE=0.1')
-    assert_one_line_error(proc, 'LEARNING_RATE', 'CODE_LEN', 'BETA')
+def test_wrong_type_names_setting(capsys):
+    assert_one_line_error(*run_train(['CODE_LEN="big"'], capsys), 'CODE_LEN', 'int')
 
 
-def test_wrong_type_names_setting():
-    assert_one_line_error(run_train('CODE_LEN="big"'), 'CODE_LEN', 'int')
+def test_missing_dataset_file_is_named(tmp_path, capsys):
+    code, err = run_train(['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path)!r}',
+                           f'OUT_DIR={str(tmp_path / "runs")!r}'], capsys)
+    assert_one_line_error(code, err, 'mirflickr25k-', 'missing file')
+    assert not (tmp_path / 'runs').exists()   # a failed start leaves no empty folder
 
 
-def test_missing_dataset_file_is_named(tmp_path):
-    proc = run_train('DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path)!r}',
-                     f'OUT_DIR={str(tmp_path / "runs")!r}')
-    assert_one_line_error(proc, 'mirflickr25k-')
-
-
-def test_unwritable_out_dir(tmp_path):
+def test_unwritable_out_dir(tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('not a folder')
-    assert_one_line_error(run_train('DATASET=DEMO', f'OUT_DIR={str(blocker)!r}'), 'OUT_DIR')
+    assert_one_line_error(*run_train(['DATASET=DEMO', f'OUT_DIR={str(blocker)!r}'], capsys),
+                          'OUT_DIR')
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = {k for k, v in settings.defaults().items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric == set(settings.RANGES)
+    for key in numeric:
+        low, high, _ = settings.RANGES[key]
+        below = low - 1 if isinstance(low, int) else low - 1e-9
+        with pytest.raises(UserError, match=f'setting {key}='):
+            settings.resolve(**{key: below})
+        if high is not None:
+            with pytest.raises(UserError, match=f'setting {key}='):
+                settings.resolve(**{key: high + 1})
+
+
+@pytest.mark.parametrize('value', [-1e-3, -0.5, float('inf'), float('nan')])
+def test_out_of_range_numbers_are_refused(value):
+    for key in ('LR_IMG', 'LR_TXT', 'MOMENTUM', 'WEIGHT_DECAY', 'MU'):
+        with pytest.raises(UserError, match=key):
+            settings.resolve(**{key: value})
+
+
+def test_seeds_stay_within_what_the_generators_take():
+    cfg = settings.resolve(SEED=settings.SEED_MAX, SPLIT_SEED=settings.SEED_MAX, NUM_EPOCH=200)
+    torch.manual_seed(train.epoch_seed(cfg.SEED, cfg.NUM_EPOCH))   # accepted
+    for key in ('SEED', 'SPLIT_SEED'):
+        with pytest.raises(UserError, match=f'{key}=-1'):
+            settings.resolve(**{key: -1})
+        with pytest.raises(UserError, match=str(settings.SEED_MAX)):
+            settings.resolve(**{key: 2**64})
+
+
+@pytest.mark.parametrize('name,ok', [('', True), ('exp1', True), ('grid/seed0', True),
+                                     ('..', False), ('../x', False), ('a/../../x', False),
+                                     ('/tmp/x', False), ('.', False), ('a//b', False)])
+def test_run_name_stays_inside_out_dir(name, ok):
+    if ok:
+        assert settings.resolve(RUN_NAME=name).RUN_NAME == name
+    else:
+        with pytest.raises(UserError, match='RUN_NAME'):
+            settings.resolve(RUN_NAME=name)
+
+
+@pytest.mark.parametrize('module', ['train', 'datasets', 'prepare'])
+def test_help_prints_the_usage_of_each_command(module, capsys):
+    """--help lists each setting with its default and its one-line meaning (the trailing
+    comment of its constant), not 'expected KEY=VALUE'."""
+    import importlib
+    main = importlib.import_module(module).main
+    assert settings.run_cli(main, ['DATASET=DEMO', '--help']) == 0
+    out = capsys.readouterr().out
+    assert f'python {module}.py' in out and 'expected KEY=VALUE' not in out
+    table = out.split('Settings (KEY=VALUE')[1]
+    listed = {line.split()[0]: line for line in table.splitlines() if line.startswith('  ')}
+    if module == 'prepare':
+        assert "RAW_DIR" in listed and 'the downloads' in listed['RAW_DIR']
+    else:
+        assert set(listed) == set(settings.defaults())
+        assert 'bits per code' in listed['CODE_LEN'] and ' 64 ' in listed['CODE_LEN']
+        assert all(len(line.split()) > 2 for line in listed.values())   # every one explained
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stop:
+        settings.run_cli(interrupted, [])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('interrupted') and 'intact' in err
 
 
 def test_pretrained_path_errors(tmp_path):
