@@ -28,6 +28,7 @@ import types
 import numpy as np
 
 import datasets
+import matfile
 import settings
 from settings import UserError
 
@@ -201,7 +202,7 @@ def open_run(path):
             saved = json.load(f)
     except (OSError, ValueError) as err:
         raise UserError(f"{os.path.join(path, 'settings.json')}: cannot be read "
-                        f"({datasets.one_line(err)}); expected train.py's settings.json") from None
+                        f"({matfile.one_line(err)}); expected train.py's settings.json") from None
     cfg = {**settings.defaults(), **{k: v for k, v in saved.items() if k.isupper()}}
     state = read_checkpoint(ckpt)
     return types.SimpleNamespace(dir=path, cfg=types.SimpleNamespace(**cfg), state=state,
@@ -218,7 +219,7 @@ def read_checkpoint(path):
             state[key]
     except (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError,
             pickle.UnpicklingError) as err:
-        raise UserError(f"checkpoint {path}: cannot be read ({datasets.one_line(err)}); "
+        raise UserError(f"checkpoint {path}: cannot be read ({matfile.one_line(err)}); "
                         f"expected train.py's checkpoint with 'img_net' and 'txt_net'") from None
     return state
 
@@ -247,7 +248,7 @@ def networks(run):
         except (RuntimeError, KeyError) as err:
             raise UserError(f"checkpoint {run.ckpt}: its networks do not fit BACKBONE="
                             f"{cfg.BACKBONE!r}, CODE_LEN={cfg.CODE_LEN} "
-                            f"({datasets.one_line(err)})") from None
+                            f"({matfile.one_line(err)})") from None
         run.nets = img_net.eval(), txt_net.eval()
     return run.nets
 
@@ -293,7 +294,7 @@ def database_codes(run, opts):
             codes = {k: z[k] for k in ('db_img', 'db_txt', 'db_labels')}
             ids = z['db_index'] if 'db_index' in z.files else None
     except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"codes file {path}: cannot be read ({datasets.one_line(err)}); "
+        raise UserError(f"codes file {path}: cannot be read ({matfile.one_line(err)}); "
                         f"expected db_img, db_txt and db_labels") from None
     if ids is None:  # codes files written before they carried their pair numbers
         ids = run.state['split']['database'].numpy()
@@ -367,7 +368,7 @@ def load_index(run, collection, modality):
         meta['fingerprint'], meta['digest'] = str(meta['fingerprint']), str(meta['digest'])
         meta['code_len'] = int(meta['code_len'])
     except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"index {meta_path}: cannot be read ({datasets.one_line(err)}); "
+        raise UserError(f"index {meta_path}: cannot be read ({matfile.one_line(err)}); "
                         f"rebuild it with {build}") from None
     if hashlib.blake2b(blob, digest_size=16).hexdigest() != meta['digest']:
         raise UserError(f"index {index_path} is not the one {meta_path} was written with; "

@@ -129,8 +129,7 @@ def tiny_run(tmp_path_factory):
                            EVAL_UNTRAINED=False, OUT_DIR=str(base / 'runs'), RUN_NAME='r',
                            DEVICE='cpu')
     run = train.Run(cfg)
-    run.start()
-    run.train()
+    run.train_to_end()
     search.main(['index', f'RUN={run.dir}'])
     return run.dir
 
@@ -298,7 +297,7 @@ def test_failed_index_write_keeps_the_old_files(tiny_run, tmp_path, monkeypatch)
         f.write(b'half a file')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(np, 'savez', broken_savez)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match='no space left on the device while writing'):
         search.main(['index', f'RUN={copy}'])
     after = {p: open(p, 'rb').read() for p in glob.glob(str(copy / 'search' / '*'))}
     assert after == before   # no temporary file left, nothing half-written
