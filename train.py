@@ -600,6 +600,9 @@ class Run:
                   flush=True)
             self.stop_requested = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:   # `nohup ... &`: not for us
+            yield
+            return
         previous = signal.signal(signal.SIGINT, request_stop)
         try:
             yield

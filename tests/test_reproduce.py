@@ -257,7 +257,9 @@ def test_demo_grid_interrupted_and_resumed(tmp_path):
     # Ctrl-C (SIGINT to the whole process group) once the grid says the first cell is done.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1'},
+                            # Ctrl-C must reach it even if pytest runs with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)

@@ -77,12 +77,14 @@ def cli(argv, capsys):
 
 
 @pytest.fixture(autouse=True)
-def sigint_handler_restored():
-    """A run installs its Ctrl-C handler for the loop only: every test must leave Python's
-    own handler in place, however the run ended."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+def python_sigint_handler():
+    """Each test starts from Python's own Ctrl-C handler, whatever pytest inherited (a shell
+    starts background jobs with SIGINT ignored), and a run must leave it in place however
+    it ended."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.fixture(autouse=True)
