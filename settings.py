@@ -222,6 +222,7 @@ RANGES = {
     'WEIGHT_DECAY': (0.0, None, "a number of at least 0"),
     'EVAL_INTERVAL': (1, None, "an integer of at least 1"),
     'TOPK': (1, None, "an integer of at least 1"),
+    'FEATURE_HIDDEN': (0, None, "an integer of at least 0"),
 }
 
 
@@ -265,7 +266,6 @@ def validate_features(cfg, need):
          f"'' with PUBLISHED={cfg['PUBLISHED']!r} (the image features come from its files)")
     need(cfg['DATASET'] not in BORROWED_PRESETS or cfg['PUBLISHED'], 'PUBLISHED',
          f"'UCCH' for DATASET={cfg['DATASET']!r} (it exists here only as UCCH's feature files)")
-    need(cfg['FEATURE_HIDDEN'] >= 0, 'FEATURE_HIDDEN', "an integer of at least 0")
 
 
 def uses_image_features(cfg):
@@ -316,8 +316,8 @@ class HelpRequested(Exception):
 
 def usage(module):
     """The command's docstring, then its settings: name, default, the constant's comment.
-    A command with its own DEFAULTS dict (prepare.py) lists those, the others this module's."""
-    own = getattr(module, 'DEFAULTS', None)
+    A command with its own SETTINGS dict (prepare.py) lists those, the others this module's."""
+    own = getattr(module, 'SETTINGS', None)
     values = own if isinstance(own, dict) else defaults()
     source = module.__file__ if isinstance(own, dict) else __file__
     meanings = setting_comments(source)

@@ -219,7 +219,7 @@ def test_width_change_and_switches_are_refused_on_resume(tiny, tmp_path, capsys)
     base = tmp_path
     datasets.make_demo(str(base / 'demo'), n_pairs=N_PAIRS)   # with its images this time
     first = write_bad(tmp_path / 'a.npy', image_features)
-    train.main(cli_args(base, 'switch', IMAGE_FEATURES=first))
+    train.main(cli_args(base, 'switch', IMAGE_FEATURES=first, KEEP_OPTIMIZER=True))
     ckpt = base / 'runs' / 'switch' / 'checkpoint.pt'
     before = ckpt.read_bytes()
     # the same file, now 30 columns wide
@@ -329,8 +329,7 @@ def test_dgcpn_layout_and_a_run_on_it(tmp_path):
     np.testing.assert_array_equal(data.database, split['database_num.npy'])
     np.testing.assert_array_equal(data.images.rows([5, 2]), images[[5, 2]])
     run = train.Run(cfg)
-    run.start()
-    run.train()
+    run.train_to_end()
     with open(os.path.join(run.dir, 'results.json')) as f:
         assert 'map_all_t2i' in json.load(f)
     assert os.path.basename(run.dir) == 'NUSWIDE_DJSRH_dgcpn-features_8bit_seed0'
