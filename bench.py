@@ -185,13 +185,20 @@ def bench_train(cfg, steps=8, epochs=1):
     speeds = []
     start_mem = _memory_start(device)
     for epoch in range(epochs):
-        _, speed = session.train(epoch)
-        speeds.append(speed)
+        seconds, steps_done = timed_epoch(session, epoch)
+        speeds.append(steps_done * cfg.BATCH_SIZE / seconds)
     out['loop_peak_bytes'] = _memory_peak(device) - start_mem
     out['loop_pairs_per_s'] = statistics.median(speeds)
     out['epochs'], out['steps'] = epochs, steps
     out['ratio'] = out['loop_pairs_per_s'] / out['floor_pairs_per_s']
     return out
+
+
+def timed_epoch(session, epoch):
+    """(seconds, steps) of one epoch of Session.train_epoch, as train.py's loop runs it."""
+    start = time.perf_counter()
+    steps = sum(1 for _ in session.train_epoch(epoch))
+    return time.perf_counter() - start, steps
 
 
 def print_train(r):
@@ -202,7 +209,7 @@ def print_train(r):
           f"{r['floor_s']:.3f} s per step over {r['steps']} steps = "
           f"{r['floor_pairs_per_s']:.1f} pairs/s; peak memory +"
           f"{r['floor_peak_bytes'] / mib:.0f} MiB")
-    print(f"train  Session.train (as metrics.jsonl reports it): median "
+    print(f"train  Session.train_epoch (as metrics.jsonl reports it): median "
           f"{r['loop_pairs_per_s']:.1f} pairs/s over {r['epochs']} epoch(s); peak memory +"
           f"{r['loop_peak_bytes'] / mib:.0f} MiB")
     print(f"ratio  {r['ratio']:.1%} of the floor")
@@ -260,7 +267,7 @@ def feature_data(n_pairs=20015, n_train=5000, n_query=2000, img_dim=4096, txt_di
 
 
 def bench_feature_train(cfg, epochs=2, steps=20):
-    """Seconds per epoch of Session.train on features beside the floor (train_step on one
+    """Seconds per epoch of Session.train_epoch on features beside the floor (train_step on one
     batch already in memory, times the batches of an epoch), and one evaluation."""
     import train
     data = feature_data()
@@ -274,14 +281,9 @@ def bench_feature_train(cfg, epochs=2, steps=20):
     _, step_s, _, _ = measure(lambda: session.train_step(x, t), steps, session.device)
     out = dict(batches=batches, hidden=cfg.FEATURE_HIDDEN, code_len=cfg.CODE_LEN,
                floor_epoch_s=statistics.median(step_s) * batches, device=str(session.device))
-    times = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        session.train(epoch)
-        times.append(time.perf_counter() - start)
-    out['epoch_s'] = statistics.median(times)
+    out['epoch_s'] = statistics.median(timed_epoch(session, epoch)[0] for epoch in range(epochs))
     start = time.perf_counter()
-    result, _ = session.eval()
+    result, _ = session.evaluate()
     out['eval_s'] = time.perf_counter() - start
     out['map_all'] = result['map_all_i2t']
     n_evals = len({*range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL),
@@ -294,7 +296,7 @@ def bench_feature_train(cfg, epochs=2, steps=20):
 def print_feature_train(r):
     print(f"== training on features: 5000 pairs x (4096-d image, 1386-d text), "
           f"{r['code_len']} bits, image MLP hidden {r['hidden']}, on {r['device']} ==")
-    print(f"epoch  Session.train: median {r['epoch_s']:.2f} s ({r['batches']} batches); floor "
+    print(f"epoch  Session.train_epoch: median {r['epoch_s']:.2f} s ({r['batches']} batches); floor "
           f"(train_step x {r['batches']} on one batch in memory): {r['floor_epoch_s']:.2f} s; "
           f"target: at most 2 s")
     print(f"eval   2000 x 18015, mAP@50 and full mAP both ways: {r['eval_s']:.1f} s")

@@ -17,14 +17,7 @@ import torchvision
 
 from settings import UserError
 
-# Each backbone: torchvision constructor, weights enum name, and how many classifier layers
-# to keep so that the output is fc7 after its ReLU.
-#   AlexNet classifier: Dropout, fc6, ReLU, Dropout, fc7, ReLU, fc8 -> keep 6 (the authors' code)
-#   VGG-19 classifier:  fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8 -> keep 5
-BACKBONES = {
-    'alexnet': (torchvision.models.alexnet, 'AlexNet_Weights', 6),
-    'vgg19': (torchvision.models.vgg19, 'VGG19_Weights', 5),
-}
+# The backbones are torchvision's models of the names in settings.BACKBONES.
 
 
 # What a failed download or a truncated, corrupt or foreign weights file makes torchvision and
@@ -36,14 +29,14 @@ WEIGHTS_ERRORS = (OSError, EOFError, KeyError, ValueError, RuntimeError,
 
 def build_backbone(name, pretrained=True, pretrained_path=''):
     """A torchvision CNN with ImageNet weights (from PRETRAINED_PATH if given) or random ones."""
-    make, weights_enum, _ = BACKBONES[name]
     if not pretrained:
-        return he_init(make(weights=None))
+        return he_init(torchvision.models.get_model(name, weights=None))
     if pretrained_path:
-        return load_local_weights(make(weights=None), name, pretrained_path)
-    weights = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
+        return load_local_weights(torchvision.models.get_model(name, weights=None), name,
+                                  pretrained_path)
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     try:
-        return make(weights=weights)
+        return torchvision.models.get_model(name, weights=weights)
     except WEIGHTS_ERRORS as err:  # offline, proxy, truncated download: the same fix
         raise UserError(
             f"could not get the ImageNet weights of {name} ({type(err).__name__}: "
@@ -85,7 +78,31 @@ def load_local_weights(model, name, path):
     return model
 
 
-class ImgNet(nn.Module):
+def up_to_fc7(classifier):
+    """The classifier's layers up to fc7 after its ReLU (the second ReLU):
+    AlexNet: Dropout, fc6, ReLU, Dropout, fc7, ReLU (the authors' 6 layers);
+    VGG-19: fc6, ReLU, Dropout, fc7, ReLU (5; the 6th is a Dropout on fc7)."""
+    layers = list(classifier.children())
+    relus = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
+    return nn.Sequential(*layers[:relus[1] + 1])
+
+
+class HashNet(nn.Module):
+    """What the three networks share: B = tanh(alpha * H), alpha = sqrt(epoch + 1) for the
+    0-based epoch (the authors' set_alpha)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = 1.0
+
+    def set_alpha(self, epoch):
+        self.alpha = math.sqrt(epoch + 1.0)
+
+    def output(self, feat, hid):
+        return feat, hid, torch.tanh(self.alpha * hid)
+
+
+class ImgNet(HashNet):
     """CNN trunk up to fc7 + hash layer. Dropout in the classifier is active in train mode."""
 
     def __init__(self, backbone='vgg19', code_len=64, pretrained=True, pretrained_path='',
@@ -93,15 +110,10 @@ class ImgNet(nn.Module):
         super().__init__()
         net = trunk if trunk is not None else build_backbone(backbone, pretrained,
                                                              pretrained_path)
-        keep = BACKBONES[backbone][2]
         self.features = net.features
         self.avgpool = net.avgpool
-        self.classifier = nn.Sequential(*list(net.classifier.children())[:keep])
+        self.classifier = up_to_fc7(net.classifier)
         self.hash = nn.Linear(4096, code_len)
-        self.alpha = 1.0
-
-    def set_alpha(self, epoch):
-        self.alpha = math.sqrt(epoch + 1.0)
 
     def fc7(self, x):
         x = self.avgpool(self.features(x))
@@ -109,8 +121,7 @@ class ImgNet(nn.Module):
 
     def forward(self, x):
         feat = self.fc7(x)
-        hid = self.hash(feat)
-        return feat, hid, torch.tanh(self.alpha * hid)
+        return self.output(feat, self.hash(feat))
 
     def frozen_copy(self):
         """The feature network for S_I: the same starting weights, eval mode, no gradients."""
@@ -125,7 +136,7 @@ class ImgNet(nn.Module):
         return list(self.classifier.parameters()) + list(self.hash.parameters())
 
 
-class FeatureImgNet(nn.Module):
+class FeatureImgNet(HashNet):
     """The image network on stored features (IMAGE_FEATURES, PUBLISHED): the same interface
     as ImgNet. The features are the frozen CNN's fc7 already, so fc7(x) is x itself, and the
     trained part is an MLP: Linear(d, hidden) -> ReLU -> Dropout(0.5) -> hash layer, the
@@ -140,18 +151,13 @@ class FeatureImgNet(nn.Module):
         else:  # FEATURE_HIDDEN=0: the hash layer right on fc7, as in ImgNet
             self.classifier = nn.Sequential()
         self.hash = nn.Linear(hidden or feat_dim, code_len)
-        self.alpha = 1.0
-
-    def set_alpha(self, epoch):
-        self.alpha = math.sqrt(epoch + 1.0)
 
     def fc7(self, x):
         return x.float()
 
     def forward(self, x):
         feat = self.classifier(x.float())
-        hid = self.hash(feat)
-        return feat, hid, torch.tanh(self.alpha * hid)
+        return self.output(feat, self.hash(feat))
 
     def frozen_copy(self):
         """The feature network for S_I: the stored features as they are."""
@@ -179,20 +185,15 @@ def check_shapes(path, what, net, saved):
                             f"or RESUME=False")
 
 
-class TxtNet(nn.Module):
+class TxtNet(HashNet):
     def __init__(self, txt_dim, code_len=64):
         super().__init__()
         self.fc1 = nn.Linear(txt_dim, 4096)
         self.fc2 = nn.Linear(4096, code_len)
-        self.alpha = 1.0
-
-    def set_alpha(self, epoch):
-        self.alpha = math.sqrt(epoch + 1.0)
 
     def forward(self, x):
         feat = torch.relu(self.fc1(x))
-        hid = self.fc2(feat)
-        return feat, hid, torch.tanh(self.alpha * hid)
+        return self.output(feat, self.fc2(feat))
 
 
 def binarize(hid):

@@ -4,7 +4,6 @@ import pickle
 import re
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -18,6 +17,7 @@ import cv2
 
 import datasets
 import matfile
+import metric
 import settings
 from conftest import (MIR_NAMES, NUS_NAMES, PUBLISHED_LAYOUTS, blue_of, config,
                       pattern_image, save_v5, save_v73, tiny_texts_labels, write_dcmh,
@@ -214,11 +214,9 @@ def random_labels(n, c, low, high, seed):
 
 
 @pytest.mark.parametrize('dataset,n,c', [('MIRFlickr', 20015, 24), ('NUSWIDE', 186577, 10)])
-def test_split_sizes_speed_and_seed(dataset, n, c):
+def test_split_sizes_and_seed(dataset, n, c):
     labels = random_labels(n, c, 0.02, 0.4, seed=1)
-    start = time.perf_counter()
     q, t, d = datasets.split_indices(labels, dataset, 0)
-    assert time.perf_counter() - start < 1.0
     check_split(q, t, d, n, 2000, 5000)
     assert len(d) == {'MIRFlickr': 18015, 'NUSWIDE': 184577}[dataset]
     np.testing.assert_array_equal(d, np.sort(d))        # the authors' database order
@@ -442,6 +440,13 @@ def test_check_accepts_each_layout(layouts, capsys, dataset):
     assert sizes in out
 
 
+def truncate(path, keep):
+    """Cut the file at path to keep(its size) bytes, as an interrupted copy leaves it."""
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+        f.truncate(keep(size))
+
+
 def broken_dcmh(tmp_path, how):
     """A MIRFlickr folder with one problem; returns the file name the error must name."""
     texts, labels = write_dcmh(tmp_path, MIR_NAMES, n=24)
@@ -454,15 +459,11 @@ def broken_dcmh(tmp_path, how):
             f.write(np.random.default_rng(0).bytes(3000))
         return MIR_NAMES[2]
     if how == 'truncated_v73':
-        size = os.path.getsize(iall)
-        with open(iall, 'r+b') as f:
-            f.truncate(size // 2)
+        truncate(iall, lambda size: size // 2)
         return MIR_NAMES[0]
     if how == 'truncated_v5':
         scipy.io.savemat(yall, {'YAll': texts}, do_compression=True)
-        size = os.path.getsize(yall)
-        with open(yall, 'r+b') as f:
-            f.truncate(size - 50)
+        truncate(yall, lambda size: size - 50)
         return MIR_NAMES[1]
     if how == 'wrong_key':
         save_v5(lall, {'Labels': labels})
@@ -510,9 +511,7 @@ def broken_wiki(folder, how):
             f.write('this is not a picture\n')
         return names[2]
     if how == 'truncated_image':
-        size = os.path.getsize(image)
-        with open(image, 'r+b') as f:
-            f.truncate(size // 3)
+        truncate(image, lambda size: size // 3)
         return names[2]
     if how == 'missing_image':
         os.remove(image)
@@ -603,10 +602,8 @@ def test_a_bug_is_not_reported_as_a_bad_file(layouts, monkeypatch, capsys, where
 
 # ===== DEMO =====
 
-def test_make_demo_layout_determinism_speed(tmp_path):
-    start = time.perf_counter()
+def test_make_demo_layout_and_determinism(tmp_path):
     datasets.make_demo(str(tmp_path / 'a'), n_pairs=400, seed=3)
-    assert time.perf_counter() - start < 5
     datasets.make_demo(str(tmp_path / 'b'), n_pairs=400, seed=3)
     a = datasets.load(config('DEMO', tmp_path / 'a'), verbose=False)
     b = datasets.load(config('DEMO', tmp_path / 'b'), verbose=False)
@@ -664,7 +661,10 @@ def train_briefly(dataset, data_dir, out_dir):
                           f'OUT_DIR={str(out_dir)!r}', 'EVAL_BATCH_SIZE=64', "DEVICE='cpu'"])
     with open(os.path.join(run_dir, 'results.json')) as f:
         results = json.load(f)
-    assert results['dataset'] == dataset and 0 <= results['map_i2t'] <= 1
+    assert results['dataset'] == dataset
+    with np.load(os.path.join(run_dir, results['codes'])) as codes:   # the number is the codes'
+        assert results['map_i2t'] == metric.calculate_top_map(
+            codes['query_img'], codes['db_txt'], codes['query_labels'], codes['db_labels'], 50)
     split = np.load(os.path.join(run_dir, 'split.npz'))
     assert not set(split['query']) & set(split['database'])
     return run_dir

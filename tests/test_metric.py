@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench
+from bench import random_task
 import metric
 
 
@@ -64,13 +65,6 @@ def ref_pr(qu_B, re_B, qu_L, re_L):
                 recalls[r].append(hits / sum(relevant))
     mean = lambda xs: sum(xs) / len(xs) if xs else float('nan')
     return np.array([mean(p) for p in precisions]), np.array([mean(r) for r in recalls])
-
-
-def random_task(seed, n_query, n_db, nbits, n_labels, density=0.2):
-    rng = np.random.default_rng(seed)
-    codes = lambda n: rng.choice(np.array([-1, 1], dtype=np.int8), size=(n, nbits))
-    labels = lambda n: (rng.random((n, n_labels)) < density).astype(np.uint8)
-    return codes(n_query), codes(n_db), labels(n_query), labels(n_db)
 
 
 # ===== a hand-computed example =====
@@ -148,13 +142,13 @@ def test_pr_curve_empty_retrieval_gives_nan():
                                                 (8, 300, 1000), (16, 500, 60),
                                                 (100, 300, 20)])
 def test_map_matches_reference(nbits, n_db, topk):
-    task = random_task(nbits, n_query=30, n_db=n_db, nbits=nbits, n_labels=5)
+    task = random_task(seed=nbits, n_query=30, n_db=n_db, nbits=nbits, n_labels=5)
     expect = ref_map(*task, topk)
     assert abs(metric.calculate_top_map(*task, topk) - expect) < 1e-9
 
 
 def test_full_map_and_precision_at_r_match_reference():
-    task = random_task(1, n_query=20, n_db=300, nbits=8, n_labels=4)
+    task = random_task(seed=1, n_query=20, n_db=300, nbits=8, n_labels=4)
     assert abs(metric.calculate_map(*task) - ref_map(*task, 300)) < 1e-9
     r = [1, 5, 17, 100, 300]
     np.testing.assert_allclose(metric.precision_at_top_r(*task, r),
@@ -163,7 +157,7 @@ def test_full_map_and_precision_at_r_match_reference():
 
 @pytest.mark.parametrize('nbits', [4, 70])
 def test_pr_curve_matches_reference(nbits):
-    task = random_task(2, n_query=15, n_db=120, nbits=nbits, n_labels=3)
+    task = random_task(seed=2, n_query=15, n_db=120, nbits=nbits, n_labels=3)
     precision, recall = metric.pr_curve_hamming(*task)
     ref_p, ref_r = ref_pr(*task)
     np.testing.assert_allclose(precision, ref_p, atol=1e-9)
@@ -171,7 +165,7 @@ def test_pr_curve_matches_reference(nbits):
 
 
 def test_queries_without_relevant_items_count_as_zero():
-    q, db, ql, dbl = random_task(3, n_query=10, n_db=200, nbits=8, n_labels=3)
+    q, db, ql, dbl = random_task(seed=3, n_query=10, n_db=200, nbits=8, n_labels=3)
     ql[::2] = 0  # half the queries have no label at all
     with_empty = metric.calculate_top_map(q, db, ql, dbl, 20)
     assert abs(with_empty - ref_map(q, db, ql, dbl, 20)) < 1e-9
@@ -193,7 +187,7 @@ def test_identical_codes_rank_by_index():
 
 # ===== inputs and code paths =====
 def test_numpy_and_torch_inputs_and_dtypes_agree():
-    q, db, ql, dbl = random_task(4, n_query=25, n_db=300, nbits=16, n_labels=4)
+    q, db, ql, dbl = random_task(seed=4, n_query=25, n_db=300, nbits=16, n_labels=4)
     expect = metric.calculate_top_map(q, db, ql, dbl, 30)
     variants = [(q.astype(np.float32), db.astype(np.float64), ql.astype(bool), dbl),
                 (q.astype(np.int64), db, ql.astype(np.float32), dbl.astype(np.int32)),
@@ -209,7 +203,7 @@ def test_numpy_and_torch_inputs_and_dtypes_agree():
 
 def test_torch_path_matches_numpy_path():
     # the CUDA code path (matmul distances, torch top-k), run on the CPU
-    q, db, _, _ = random_task(5, n_query=40, n_db=700, nbits=8, n_labels=2)
+    q, db, _, _ = random_task(seed=5, n_query=40, n_db=700, nbits=8, n_labels=2)
     qt, dbt = torch.from_numpy(q).float(), torch.from_numpy(db).float()
     dist = metric._matmul_distances(qt, dbt, torch.uint8)
     packed = metric._popcount_distances(metric._pack_bits(q),
@@ -224,7 +218,7 @@ def test_torch_path_matches_numpy_path():
 
 
 def test_small_chunks_and_tiles_give_the_same_values(monkeypatch):
-    task = random_task(6, n_query=30, n_db=500, nbits=8, n_labels=3)
+    task = random_task(seed=6, n_query=30, n_db=500, nbits=8, n_labels=3)
     expect = (metric.calculate_top_map(*task, 40), metric.precision_at_top_r(*task, [5, 50]),
               metric.pr_curve_hamming(*task))
     monkeypatch.setattr(metric, 'CHUNK_BYTES', 1)  # one query per chunk
@@ -238,12 +232,12 @@ def test_small_chunks_and_tiles_give_the_same_values(monkeypatch):
 
 def test_long_codes_and_many_classes():
     # 300 bits: distances beyond uint8; 70 classes: two words of label bits
-    task = random_task(7, n_query=12, n_db=150, nbits=300, n_labels=70, density=0.02)
+    task = random_task(seed=7, n_query=12, n_db=150, nbits=300, n_labels=70, density=0.02)
     assert abs(metric.calculate_top_map(*task, 25) - ref_map(*task, 25)) < 1e-9
 
 
 def test_rejects_bad_inputs():
-    q, db, ql, dbl = random_task(8, n_query=3, n_db=10, nbits=8, n_labels=2)
+    q, db, ql, dbl = random_task(seed=8, n_query=3, n_db=10, nbits=8, n_labels=2)
     with pytest.raises(ValueError, match='-1 and \\+1'):
         metric.calculate_top_map((q > 0).astype(np.uint8), db, ql, dbl, 5)
     with pytest.raises(ValueError, match='bits'):
@@ -258,7 +252,7 @@ def test_rejects_bad_inputs():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    task = random_task(9, n_query=50, n_db=3000, nbits=16, n_labels=5)
+    task = random_task(seed=9, n_query=50, n_db=3000, nbits=16, n_labels=5)
     cuda = [torch.from_numpy(x).cuda() for x in task]
     assert metric.calculate_top_map(*cuda, 50) == pytest.approx(
         metric.calculate_top_map(*task, 50), abs=1e-12)
@@ -270,8 +264,12 @@ def test_cuda_matches_cpu():
 
 # ===== bench.py =====
 def test_bench_loop_and_eval_agree_with_reference():
-    task = random_task(10, n_query=15, n_db=200, nbits=8, n_labels=3)
+    task = random_task(seed=10, n_query=15, n_db=200, nbits=8, n_labels=3)
     assert abs(bench.map_loop(*task, 20) - ref_map(*task, 20)) < 1e-9
     out = bench.bench_eval(n_query=20, n_db=300, nbits=16, n_labels=4, topk=10, repeats=1,
                            loop_queries=10)
-    assert out['difference'] < 1e-9 and out['speedup'] > 0
+    assert out['difference'] < 1e-9
+    same = random_task(20, 300, 16, 4)   # the task bench_eval draws (seed 0)
+    assert out['fast_map'] == pytest.approx(ref_map(*same, 10), abs=1e-12)
+    assert out['loop_map'] == pytest.approx(ref_map(same[0][:10], same[1], same[2][:10],
+                                                    same[3], 10), abs=1e-12)
