@@ -70,7 +70,7 @@ PAPER = paper_numbers()
 TABLES = {
     '2': dict(datasets=('Wiki', 'MIRFlickr', 'NUSWIDE'), variants=('DJSRH',), bits=BITS),
     '1': dict(datasets=('NUSWIDE',), variants=tuple(settings.VARIANTS), bits=(64, 128)),
-    'demo': dict(datasets=('DEMO',), variants=('DJSRH',), bits=(16, 32)),
+    'demo': dict(datasets=('DEMO',), variants=('DJSRH',), bits=BITS),
 }
 # The grid sets these itself, one value per cell; a KEY=VALUE for them would be ambiguous.
 GRID_KEYS = ('DATASET', 'VARIANT', 'CODE_LEN', 'SEED', 'OUT_DIR', 'RUN_NAME')
@@ -383,7 +383,7 @@ def run_parser():
         'See also: reproduce.py summary RUNS_DIR.')
     p.add_argument('--table', nargs='+', choices=['2', '1', 'demo'],
                    help="which grid: '2' (datasets x bits), '1' (NUS-WIDE ablation), "
-                        "'demo' (DEMO x 16, 32 bits); default: 2 then 1, or 2 alone "
+                        "'demo' (DEMO x 16, 32, 64, 128 bits); default: 2 then 1, or 2 alone "
                         "when --datasets, --variants or --bits is given")
     p.add_argument('--datasets', nargs='+', choices=list(settings.PRESETS),
                    help="these datasets instead of the table's")

@@ -191,7 +191,10 @@ class Session:
         topk = self.cfg.TOPK
         result = {'epoch': self.epoch,
                   'map_i2t': metric.calculate_top_map(q_img, r_txt, q_lab, r_lab, topk),
-                  'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk)}
+                  'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk),
+                  # a collapse of the codes shows here before it shows in the mAP
+                  'distinct_img_codes': len(torch.unique(r_img, dim=0)),
+                  'distinct_txt_codes': len(torch.unique(r_txt, dim=0))}
         result['eval_time_s'] = time.perf_counter() - start
         codes = dict(query_img=q_img, query_txt=q_txt, db_img=r_img, db_txt=r_txt,
                      query_labels=q_lab, db_labels=r_lab)
@@ -367,7 +370,9 @@ class Run:
         atomic_write(os.path.join(self.dir, name), lambda f: np.savez_compressed(f, **codes))
         result['codes'] = name
         print(f"epoch {sess.epoch}: mAP@{self.cfg.TOPK} I->T {result['map_i2t']:.4f}, "
-              f"T->I {result['map_t2i']:.4f} ({result['eval_time_s']:.1f} s)")
+              f"T->I {result['map_t2i']:.4f}; distinct database codes: image "
+              f"{result['distinct_img_codes']}, text {result['distinct_txt_codes']} "
+              f"({result['eval_time_s']:.1f} s)")
         return result
 
     def train(self):
@@ -438,7 +443,9 @@ class Run:
         results = {'dataset': cfg.DATASET, 'variant': cfg.VARIANT, 'backbone': cfg.BACKBONE,
                    'code_len': cfg.CODE_LEN, 'seed': cfg.SEED, 'split_seed': cfg.SPLIT_SEED,
                    'topk': cfg.TOPK, 'epoch': final['epoch'], 'map_i2t': final['map_i2t'],
-                   'map_t2i': final['map_t2i']}
+                   'map_t2i': final['map_t2i'],
+                   'distinct_img_codes': final.get('distinct_img_codes'),
+                   'distinct_txt_codes': final.get('distinct_txt_codes')}
         untrained = [e for e in sess.evals if e['epoch'] == 0]
         if untrained:
             results['untrained_map_i2t'] = untrained[0]['map_i2t']
