@@ -345,6 +345,28 @@ def markdown_table(rows):
     return '\n'.join(lines) + '\n'
 
 
+def learning_table(results):
+    """Per run that evaluated its untrained networks (the demo): untrained -> trained mAP
+    and the distinct database codes, which show a collapse the mean alone can hide."""
+    runs = [r for r in results if 'untrained_map_i2t' in r]
+    if not runs:
+        return ''
+    runs.sort(key=lambda r: (sort_key((r['dataset'], r.get('variant', 'DJSRH'),
+                                       r.get('backbone', '?'), r.get('topk', 50),
+                                       r['code_len'], 'i2t')), r.get('seed', 0)))
+    lines = ['| dataset | variant | bits | seed | I->T untrained -> trained | '
+             'T->I untrained -> trained | distinct image / text codes |', '|' + '---|' * 7]
+    for r in runs:
+        cells = [r['dataset'], r.get('variant', 'DJSRH'), str(r['code_len']),
+                 str(r.get('seed', '?'))]
+        for d in DIRECTIONS:
+            before, after = r[f'untrained_map_{d}'], r[f'map_{d}']
+            cells.append(f"{before:.3f} -> {after:.3f} ({after - before:+.3f})")
+        cells.append(f"{r.get('distinct_img_codes', '?')} / {r.get('distinct_txt_codes', '?')}")
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def write_csv(rows, path):
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -357,7 +379,8 @@ def summarize(args):
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir():
         raise settings.UserError(f"{runs_dir}: no such folder")
-    rows = summary_rows(load_results(runs_dir))
+    results = load_results(runs_dir)
+    rows = summary_rows(results)
     if not rows:
         raise settings.UserError(f"{runs_dir}: no results.json found under it")
     prefix = Path(args.out) if args.out else runs_dir / 'summary'
@@ -365,6 +388,10 @@ def summarize(args):
             "run); paper: the paper's Tables 1 and 2 (mAP@50); diff = ours - paper; "
             'wall time: mean per run.\n')
     text = markdown_table(rows)
+    learning = learning_table(results)
+    if learning:
+        note += ('\nEach run that evaluated its untrained networks (mAP@TOPK, and the '
+                 'distinct codes among the database items after training):\n\n' + learning)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix('.md').write_text(text + '\n' + note)
     write_csv(rows, prefix.with_suffix('.csv'))
