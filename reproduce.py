@@ -80,7 +80,7 @@ PAPER = paper_numbers()
 TABLES = {
     '2': dict(datasets=('Wiki', 'MIRFlickr', 'NUSWIDE'), variants=('DJSRH',), bits=BITS),
     '1': dict(datasets=('NUSWIDE',), variants=tuple(settings.VARIANTS), bits=(64, 128)),
-    'demo': dict(datasets=('DEMO',), variants=('DJSRH',), bits=(16, 32)),
+    'demo': dict(datasets=('DEMO',), variants=('DJSRH',), bits=BITS),
     # the fixed-feature protocol on UCCH's files (docs/features.md)
     'features': dict(datasets=tuple(UCCH_DJSRH), variants=('DJSRH',), bits=BITS),
 }
@@ -415,6 +415,28 @@ def markdown_table(rows):
     return '\n'.join(lines) + '\n'
 
 
+def learning_table(results):
+    """Per run that evaluated its untrained networks (the demo): untrained -> trained mAP
+    and the distinct database codes, which show a collapse the mean alone can hide."""
+    runs = [r for r in results if 'untrained_map_i2t' in r]
+    if not runs:
+        return ''
+    runs.sort(key=lambda r: (sort_key((r['dataset'], r.get('variant', 'DJSRH'),
+                                       r.get('backbone', '?'), r.get('topk', 50),
+                                       r['code_len'], 'i2t')), r.get('seed', 0)))
+    lines = ['| dataset | variant | bits | seed | I->T untrained -> trained | '
+             'T->I untrained -> trained | distinct image / text codes |', '|' + '---|' * 7]
+    for r in runs:
+        cells = [r['dataset'], r.get('variant', 'DJSRH'), str(r['code_len']),
+                 str(r.get('seed', '?'))]
+        for d in DIRECTIONS:
+            before, after = r[f'untrained_map_{d}'], r[f'map_{d}']
+            cells.append(f"{before:.3f} -> {after:.3f} ({after - before:+.3f})")
+        cells.append(f"{r.get('distinct_img_codes', '?')} / {r.get('distinct_txt_codes', '?')}")
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def write_csv(rows, path):
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -427,7 +449,8 @@ def summarize(args):
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir():
         raise settings.UserError(f"{runs_dir}: no such folder")
-    rows = summary_rows(load_results(runs_dir))
+    results = load_results(runs_dir)
+    rows = summary_rows(results)
     if not rows:
         raise settings.UserError(f"{runs_dir}: no results.json found under it")
     prefix = out_prefix(args.out) if args.out else runs_dir / 'summary'
@@ -437,6 +460,10 @@ def summarize(args):
             "diff = ours - paper; "
             'wall time: mean per run.\n')
     text = markdown_table(rows)
+    learning = learning_table(results)
+    if learning:
+        note += ('\nEach run that evaluated its untrained networks (mAP@TOPK, and the '
+                 'distinct codes among the database items after training):\n\n' + learning)
     md, csv_path = Path(f'{prefix}.md'), Path(f'{prefix}.csv')
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +497,7 @@ def run_parser():
         'See also: reproduce.py summary RUNS_DIR.')
     p.add_argument('--table', nargs='+', choices=['2', '1', 'demo', 'features'],
                    help="which grid: '2' (datasets x bits), '1' (NUS-WIDE ablation), "
-                        "'demo' (DEMO x 16, 32 bits), 'features' (UCCH's feature files of "
+                        "'demo' (DEMO x 16, 32, 64, 128 bits), 'features' (UCCH's feature files of "
                         "MIRFlickr, NUS-WIDE, IAPR TC-12, MS-COCO x bits; PUBLISHED=UCCH "
                         "unless given); default: 2 then 1, or 2 alone when --datasets, "
                         "--variants or --bits is given")

@@ -185,7 +185,10 @@ class Session:
                   'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk),
                   # full mAP: over the whole retrieval set (the feature protocol's number)
                   'map_all_i2t': metric.calculate_map(q_img, r_txt, q_lab, r_lab),
-                  'map_all_t2i': metric.calculate_map(q_txt, r_img, q_lab, r_lab)}
+                  'map_all_t2i': metric.calculate_map(q_txt, r_img, q_lab, r_lab),
+                  # a collapse of the codes shows here before it shows in the mAP
+                  'distinct_img_codes': len(torch.unique(r_img, dim=0)),
+                  'distinct_txt_codes': len(torch.unique(r_txt, dim=0))}
         codes = dict(query_img=q_img, query_txt=q_txt, db_img=r_img, db_txt=r_txt,
                      query_labels=q_lab, db_labels=r_lab)
         codes = {k: v.cpu().numpy().astype(np.uint8 if 'labels' in k else np.int8)
@@ -574,7 +577,9 @@ class Run:
         result = {'epoch': p.epoch, **result, 'eval_time_s': seconds, 'codes': name}
         print(f"epoch {p.epoch}: mAP@{self.cfg.TOPK} I->T {result['map_i2t']:.4f}, "
               f"T->I {result['map_t2i']:.4f}; mAP@all I->T {result['map_all_i2t']:.4f}, "
-              f"T->I {result['map_all_t2i']:.4f} ({seconds:.1f} s)")
+              f"T->I {result['map_all_t2i']:.4f}; distinct database codes: image "
+              f"{result['distinct_img_codes']}, text {result['distinct_txt_codes']} "
+              f"({seconds:.1f} s)")
         if not tag:
             p.eval_s += seconds
             p.evals.append(result)
@@ -683,7 +688,9 @@ class Run:
                    'topk': cfg.TOPK, 'epoch': final['epoch'], 'map_i2t': final['map_i2t'],
                    'map_t2i': final['map_t2i'], 'map_all_i2t': final.get('map_all_i2t'),
                    'map_all_t2i': final.get('map_all_t2i'), 'image_features':
-                   cfg.PUBLISHED or cfg.IMAGE_FEATURES, 'text_features': cfg.TEXT_FEATURES}
+                   cfg.PUBLISHED or cfg.IMAGE_FEATURES, 'text_features': cfg.TEXT_FEATURES,
+                   'distinct_img_codes': final.get('distinct_img_codes'),
+                   'distinct_txt_codes': final.get('distinct_txt_codes')}
         untrained = [e for e in p.evals if e['epoch'] == 0]
         if untrained:
             results['untrained_map_i2t'] = untrained[0]['map_i2t']

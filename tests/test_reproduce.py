@@ -54,7 +54,7 @@ def test_grid_cells_default_and_subsets():
     sub = reproduce.grid_cells(['2'], ['MIRFlickr'], None, [16, 64], 3)
     assert sorted(sub) == [('MIRFlickr', 'DJSRH', b, s) for b in (16, 64) for s in range(3)]
     demo = reproduce.grid_cells(['demo'], None, None, None, 2)
-    assert sorted(demo) == [('DEMO', 'DJSRH', b, s) for b in (16, 32) for s in (0, 1)]
+    assert sorted(demo) == [('DEMO', 'DJSRH', b, s) for b in (16, 32, 64, 128) for s in (0, 1)]
 
 
 def test_time_left_uses_matching_cells():
