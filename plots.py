@@ -205,7 +205,8 @@ def check_out(path):
 
 
 # ===== command line =====
-def main(argv):
+def parse(argv):
+    """The command line, checked; nothing is read or drawn."""
     p = argparse.ArgumentParser(prog='plots.py', description=__doc__.split('\n')[0])
     p.add_argument('runs', nargs='+', metavar='RUN_DIR',
                    help="run directories or codes .npz files; one line each")
@@ -218,6 +219,11 @@ def main(argv):
     check_out(args.out)
     if args.points < 1:
         raise settings.UserError(f"--points {args.points}: expected at least 1")
+    return args
+
+
+def main(argv):
+    args = parse(argv)
     series = [run_curves(path, args.epoch, args.points) for path in args.runs]
     draw(series, args.out, args.title)
     print(f'written: {args.out}')
