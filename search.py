@@ -211,17 +211,9 @@ def open_run(path):
 
 
 def read_checkpoint(path):
-    import pickle
-    import torch
-    try:  # mmap: only the tensors used are read (a VGG-19 checkpoint is over 1 GB)
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        for key in ('img_net', 'txt_net', 'epoch'):
-            state[key]
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError,
-            pickle.UnpicklingError) as err:
-        raise UserError(f"checkpoint {path}: cannot be read ({matfile.one_line(err)}); "
-                        f"expected train.py's checkpoint with 'img_net' and 'txt_net'") from None
-    return state
+    import train
+    return train.read_checkpoint(path, mmap=True,
+                                 advice="expected the checkpoint.pt that train.py writes")
 
 
 def fingerprint(state, code_len):

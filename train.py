@@ -259,14 +259,15 @@ CHECKPOINT_KEYS = ('img_net', 'txt_net', 'split', 'settings', 'epoch', 'evals')
 TRAINING_KEYS = ('opt_img', 'opt_txt', 'rng', 'step', 'loss_sum')
 
 
-def read_checkpoint(path):
-    """A checkpoint of train.py, checked to be one; UserError for anything else."""
+def read_checkpoint(path, mmap=False, advice="move it away, or pass RESUME=False to "
+                                            "start over"):
+    """A checkpoint of train.py, checked to be one; UserError for anything else, ending in
+    `advice`. mmap=True reads only the tensors used (search.py: a VGG-19 one is 1 GB)."""
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except CHECKPOINT_ERRORS as err:
         raise UserError(f"checkpoint {path}: cannot be read, truncated or corrupt? "
-                        f"({one_line(err)}); move it away, or pass "
-                        f"RESUME=False to start over") from err
+                        f"({one_line(err)}); {advice}") from err
     if not isinstance(state, dict):
         found = f"a {type(state).__name__}"
     else:
@@ -278,7 +279,7 @@ def read_checkpoint(path):
             found = "its settings or split are not what train.py writes"
     if found:
         raise UserError(f"checkpoint {path}: not a checkpoint written by train.py ({found}); "
-                        f"move it away, or pass RESUME=False to start over")
+                        f"{advice}")
     return state
 
 
