@@ -63,18 +63,25 @@ def calculate_map(qu_B, re_B, qu_L, re_L):
     db_pattern = db_pattern.reshape(-1).astype(np.uint16 if len(patterns) < 2 ** 16
                                                else np.int64)
     query_labels = data.query_labels.numpy()
+    workers = max(1, torch.get_num_threads())
     total = 0.0
     for lo, hi in _chunks(data, bytes_per_pair=12):
         dist = _popcount_distances(data.query_bits[lo:hi], data.db_bits, data.dist_dtype)
-        order = np.argsort(dist, axis=1, kind='stable')
-        del dist
         # which label sets each query shares a label with: (rows, patterns)
         table = ((query_labels[lo:hi, None, :] & patterns[None]) != 0).any(-1)
-        ranked = db_pattern[order]
-        del order
-        for row_table, row in zip(table, ranked):
-            total += _full_ap(row_table[row])
+        # NumPy's sort releases the GIL: the chunk's rows are ranked in threads
+        bounds = np.linspace(0, hi - lo, workers + 1).astype(int)
+        with ThreadPoolExecutor(workers) as pool:
+            total += sum(pool.map(
+                lambda a, b: _full_ap_sum(dist[a:b], table[a:b], db_pattern),
+                bounds[:-1], bounds[1:]))
     return total / data.n_query
+
+
+def _full_ap_sum(dist, table, db_pattern):
+    """The summed AP of rows of distances, each ranked by a stable (counting) sort."""
+    ranked = db_pattern[np.argsort(dist, axis=1, kind='stable')]
+    return sum(_full_ap(row_table[row]) for row_table, row in zip(table, ranked))
 
 
 def _full_ap(relevant):
