@@ -147,7 +147,7 @@ def extract(cfg):
     loader = pair_loader(data, out.done, cfg)
     try:
         with tqdm(total=n, initial=out.done, unit='img', disable=not sys.stderr.isatty()) as bar:
-            for images, _, _, _ in loader:
+            for images, _, _, _ in datasets.batches(loader):  # a bad image: one line
                 out.write(encode_batch(net, images, device))
                 bar.update(len(images))
     except KeyboardInterrupt:
