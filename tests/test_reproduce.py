@@ -283,7 +283,8 @@ def test_demo_grid_interrupted_and_resumed(tmp_path):
                              capture_output=True, text=True)
     assert summary.returncode == 0, summary.stderr
     rows = read_table(runs / 'summary.md')
-    assert len(rows) == 2 * 2  # 2 code lengths x 2 directions
+    assert len(rows) == 2 * 2 * 2  # 2 code lengths x 2 directions x mAP@50 and full mAP
+    assert sorted(r['metric'] for r in rows) == ['mAP@50'] * 4 + ['mAP@all'] * 4
     assert all(re.fullmatch(r'0\.\d{3} ± 0\.\d{3} \(n=2\)', r['ours: mean ± std (n)'])
                for r in rows)
     assert all(r['paper'] == '-' and r['dataset'] == 'DEMO' for r in rows)
