@@ -44,7 +44,7 @@ def calculate_top_map(qu_B, re_B, qu_L, re_L, topk):
     data = _prepare(qu_B, re_B, qu_L, re_L)
     total = 0.0
     for relevant in _ranked_relevance(data, int(topk)):
-        total += _average_precision(relevant).sum().item()
+        total += average_precision(relevant).sum().item()
     return total / data.n_query
 
 
@@ -344,7 +344,7 @@ def _ranked_relevance(data, k):
         yield _relevant(data.query_labels[lo:hi, None], data.db_labels[top])
 
 
-def _average_precision(relevant):
+def average_precision(relevant):
     """AP of each row of a (rows, k) relevance matrix, in float64; 0 where nothing is relevant."""
     relevant = relevant.to(torch.float64)
     positions = torch.arange(1, relevant.shape[1] + 1, device=relevant.device)

@@ -103,7 +103,10 @@ def search_shards(shards, packed_queries, k):
 
 def faiss_top_map(qu_B, re_B, qu_L, re_L, topk):
     """mAP@topk (metric.calculate_top_map's definition) from the ranking of a FAISS
-    IndexBinaryFlat over re_B. NumPy inputs: codes +-1, labels 0/1."""
+    IndexBinaryFlat over re_B. NumPy inputs: codes +-1, labels 0/1. The AP is metric.py's:
+    what this checks is the ranking."""
+    import torch
+    import metric
     qu_L, re_L = np.asarray(qu_L) != 0, np.asarray(re_L) != 0
     index = flat_index(pack_codes(re_B))
     queries = pack_codes(qu_B)
@@ -113,23 +116,13 @@ def faiss_top_map(qu_B, re_B, qu_L, re_L, topk):
     for lo in range(0, len(queries), rows):
         _, ids = ranking(index, queries[lo:lo + rows], k)
         relevant = (qu_L[lo:lo + rows, None, :] & re_L[ids]).any(2)
-        total += average_precision(relevant).sum()
+        total += metric.average_precision(torch.from_numpy(relevant)).sum().item()
     return total / len(queries)
 
 
 def faiss_map(qu_B, re_B, qu_L, re_L):
     """Full mAP: AP over the whole ranking."""
     return faiss_top_map(qu_B, re_B, qu_L, re_L, len(re_B))
-
-
-def average_precision(relevant):
-    """AP of each row of a (rows, k) relevance matrix: mean of j / r_j over the relevant
-    positions r_j; 0 where nothing is relevant."""
-    hits = np.cumsum(relevant, axis=1)
-    positions = np.arange(1, relevant.shape[1] + 1)
-    found = hits[:, -1]
-    sums = np.where(relevant, hits / positions, 0.0).sum(1)
-    return np.where(found > 0, sums / np.maximum(found, 1), 0.0)
 
 
 # ===== settings and the command line =====

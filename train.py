@@ -326,7 +326,6 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-
 def write_error(path, err):
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"no space left on the device while writing {path}; every file written "

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import datasets
@@ -69,9 +70,10 @@ def test_pack_codes_pads_to_whole_bytes():
 
 
 def test_average_precision_by_hand():
-    relevant = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]], bool)
+    """The AP that faiss_top_map applies to FAISS's ranking (metric.average_precision)."""
+    relevant = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
     expected = [(1 / 1 + 2 / 3) / 2, 0.0, (1 / 2 + 2 / 3 + 3 / 4) / 3]
-    np.testing.assert_allclose(search.average_precision(relevant), expected, rtol=0,
+    np.testing.assert_allclose(metric.average_precision(relevant).numpy(), expected, rtol=0,
                                atol=1e-15)
 
 
@@ -274,7 +276,6 @@ def test_bad_runs_and_indexes(tiny_run, tmp_path):
         search.main(['index', f'RUN={tmp_path}'])
     other = tmp_path / 'other'
     shutil.copytree(tiny_run, other)
-    import torch
     state = torch.load(other / 'checkpoint.pt', weights_only=True)
     state['txt_net']['fc2.bias'] += 1   # another run's networks
     torch.save(state, other / 'checkpoint.pt')
