@@ -148,9 +148,10 @@ class Session:
 
     def train_epoch(self, epoch, skip=0):
         """Train on the batches of the 0-based `epoch` from batch `skip` on, yielding each
-        batch's loss (a tensor on the device: Run reads them in bulk). The epoch's batches, crops and dropout depend only on (SEED, epoch): a
-        resumed epoch replays the loader to batch `skip`, then goes on with the random state
-        the checkpoint restored, and draws what an uninterrupted one draws."""
+        batch's loss (a tensor on the device: Run reads them in bulk). The epoch's batches,
+        crops and dropout depend only on (SEED, epoch): a resumed epoch replays the loader to
+        batch `skip`, then goes on with the random state the checkpoint restored, and draws
+        what an uninterrupted one draws."""
         cfg = self.cfg
         alpha_epoch = epoch if cfg.ANNEAL else 0  # alpha = sqrt(0 + 1) = 1 without annealing
         self.img_net.set_alpha(alpha_epoch)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import datasets
+import demo
 import models
 import settings
 import train
@@ -20,14 +21,14 @@ STEPS = 1   # the loss of a step, and the codes after its update
 
 
 @pytest.fixture(scope='module')
-def demo(tmp_path_factory):
+def demo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp('devices') / 'demo'
-    datasets.make_demo(str(folder), n_pairs=96)
+    demo.make_demo(str(folder), n_pairs=96)
     return folder
 
 
-def session_for(demo, **overrides):
-    cfg = config('DEMO', demo, BATCH_SIZE=4, CODE_LEN=16, SEED=3, **overrides)
+def session_for(demo_dir, **overrides):
+    cfg = config('DEMO', demo_dir, BATCH_SIZE=4, CODE_LEN=16, SEED=3, **overrides)
     return train.Session(cfg, datasets.load(cfg, verbose=False))
 
 
@@ -45,19 +46,19 @@ def losses_and_codes(session, batches):
 
 
 @pytest.fixture(scope='module')
-def fp32(demo):
+def fp32(demo_dir):
     """The reference: fp32, the default layout."""
-    session = session_for(demo)
+    session = session_for(demo_dir)
     return losses_and_codes(session, first_batches(session))
 
 
 # ===== BF16 and CHANNELS_LAST on the CPU, against fp32 =====
 
-def test_channels_last_is_fp32_up_to_rounding(demo, fp32):
+def test_channels_last_is_fp32_up_to_rounding(demo_dir, fp32):
     """The same arithmetic in another memory order: only the order of the sums differs,
     ~1e-7 relative a layer (measured: loss within 3e-7 relative), so the loss within 1e-5
     relative and the codes (signs, none that close to 0 here) identical."""
-    session = session_for(demo, CHANNELS_LAST=True)
+    session = session_for(demo_dir, CHANNELS_LAST=True)
     batches = first_batches(session)
     weight = session.img_net.features[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
@@ -74,12 +75,12 @@ def test_channels_last_is_fp32_up_to_rounding(demo, fp32):
     assert isinstance(loss, torch.Tensor) and loss.shape == () and not loss.requires_grad
 
 
-def test_bf16_autocast_on_the_cpu_stays_near_fp32(demo, fp32):
+def test_bf16_autocast_on_the_cpu_stays_near_fp32(demo_dir, fp32):
     """bf16 keeps 8 significant bits: each product of the CNN forwards is rounded by up to
     2**-9 (0.2%), the sums and the loss stay fp32. The loss is held to 1% relative (about 2.5
     bf16 rounding units; measured 0.03-0.14%) and at least 90% of the query codes' bits to
     fp32's (measured: all of them); the hash layer's output is bf16, its tanh fp32."""
-    session = session_for(demo, BF16=True)
+    session = session_for(demo_dir, BF16=True)
     batches = first_batches(session)
     losses, codes = losses_and_codes(session, batches)
     with torch.no_grad(), session.autocast():
@@ -159,12 +160,12 @@ def test_deterministic_on_cuda_refuses_a_crop_that_pools(alexnet):
 # ===== resume across layouts (and devices) =====
 
 @pytest.mark.parametrize('saved,resumed', [(True, False), (False, True)])
-def test_resume_with_another_layout_updates_as_sgd_does(demo, saved, resumed):
+def test_resume_with_another_layout_updates_as_sgd_does(demo_dir, saved, resumed):
     """A checkpoint saved with CHANNELS_LAST=saved, resumed with CHANNELS_LAST=resumed:
     the next step is SGD's update, w - lr (momentum buf + grad + wd w), of the weights and
     momentum it holds (fused SGD pairs a buffer's elements with the weight's by memory
     order: a buffer left in the saved layout updates the wrong elements)."""
-    first = session_for(demo, CHANNELS_LAST=saved)
+    first = session_for(demo_dir, CHANNELS_LAST=saved)
     batches = first_batches(first, 2)
     first.train_step(*batches[0])
     saved = io.BytesIO()
@@ -172,7 +173,7 @@ def test_resume_with_another_layout_updates_as_sgd_does(demo, saved, resumed):
     del first
     saved.seek(0)
     state = torch.load(saved, weights_only=True)
-    session = session_for(demo, CHANNELS_LAST=resumed)
+    session = session_for(demo_dir, CHANNELS_LAST=resumed)
     session.load_checkpoint('checkpoint.pt', state, optimizer=True)
     cfg = session.cfg
     before = {}
@@ -280,3 +281,13 @@ def test_losses_are_read_in_bulk_and_a_bad_one_is_named(tmp_path):
         run.count_losses(pending)
     run.count_losses([])
     assert run.progress.step == 3
+
+
+def test_pinned_memory_follows_the_training_device(demo_dir, monkeypatch):
+    """The loader pins its batches (for non_blocking copies) only when the run trains on
+    CUDA; pinning itself needs a CUDA build, which ignores it here with a warning."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for device, pinned in (('cpu', False), ('', True), ('cuda:0', True)):
+        cfg = config('DEMO', demo_dir, DEVICE=device)
+        data = datasets.load(cfg, verbose=False)
+        assert datasets.make_loader(data, 'query', cfg).pin_memory == pinned, device
