@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import datasets
+import demo
 import metric
 import search
 import settings
@@ -125,7 +126,7 @@ def tiny_run(tmp_path_factory):
     """A 160-pair DEMO run (144 database pairs, 16 bits) trained one epoch in-process."""
     import train
     base = tmp_path_factory.mktemp('search')
-    datasets.make_demo(str(base / 'demo'), n_pairs=160)
+    demo.make_demo(str(base / 'demo'), n_pairs=160)
     cfg = settings.resolve(DATASET='DEMO', DATA_DIR=str(base / 'demo'), BATCH_SIZE=16,
                            CODE_LEN=16, NUM_EPOCH=1, NUM_WORKERS=0, EVAL_BATCH_SIZE=64,
                            EVAL_UNTRAINED=False, OUT_DIR=str(base / 'runs'), RUN_NAME='r',
@@ -338,7 +339,7 @@ def feature_runs(tmp_path_factory):
     features, FEATURE_HIDDEN=0)."""
     import train
     base = tmp_path_factory.mktemp('search_features')
-    datasets.make_demo(str(base / 'demo'), n_pairs=160)
+    demo.make_demo(str(base / 'demo'), n_pairs=160)
     rng = np.random.default_rng(0)
     np.save(base / 'img.npy', rng.random((160, 24)).astype(np.float32))
     np.save(base / 'txt.npy', rng.random((160, 12)).astype(np.float32))
@@ -537,7 +538,7 @@ def test_bad_arguments_are_one_line(feature_runs, tmp_path, capsys, args, words)
 
 def test_data_that_is_not_the_runs(tiny_run, feature_runs, tmp_path, capsys):
     """DATA_DIR holding other data than the run's: its split or its widths do not fit."""
-    datasets.make_demo(str(tmp_path / 'small'), n_pairs=100)
+    demo.make_demo(str(tmp_path / 'small'), n_pairs=100)
     err = one_line_error(['query', f"RUN={tiny_run}", 'TEXT_OF=3',
                           f"DATA_DIR={tmp_path / 'small'}"], capsys)
     assert 'its split indexes pairs beyond the 100' in err
