@@ -542,12 +542,20 @@ def image_files(folder):
 
 def open_image(path):
     """An RGB PIL image (EXIF orientation applied), or None when it cannot be decoded."""
+    return read_image(path)[0]
+
+
+def read_image(path):
+    """(RGB PIL image, None), or (None, why it cannot be used)."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+            return ImageOps.exif_transpose(img).convert('RGB'), None
+    except Image.DecompressionBombError:
+        return None, (f"more pixels than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} "
+                      f"(a decompression bomb?); expected a smaller image")
+    except (OSError, ValueError, SyntaxError):
+        return None, "cannot be decoded; expected a JPEG or PNG image"
 
 
 def encode_folder(run, folder, batch):
@@ -665,10 +673,9 @@ def make_query(run, opts):
         if not os.path.isfile(opts.IMAGE):
             what = 'is a folder' if os.path.isdir(opts.IMAGE) else 'no such file'
             raise UserError(f"IMAGE={opts.IMAGE!r}: {what}; expected a JPEG or PNG image")
-        q.image = open_image(opts.IMAGE)
+        q.image, why = read_image(opts.IMAGE)
         if q.image is None:
-            raise UserError(f"IMAGE={opts.IMAGE!r}: cannot be decoded; expected a JPEG or PNG "
-                            f"image")
+            raise UserError(f"IMAGE={opts.IMAGE!r}: {why}")
         q.code, q.title = encode_images(run, [q.image]), f"image {opts.IMAGE}"
     else:
         pair_query(run, opts, q, given[0])
@@ -741,6 +748,8 @@ def cmd_query(opts):
                              else 'text')
     if opts.COLLECTION == 'images' and target == 'text':
         raise UserError("COLLECTION=images holds images only; use TARGET=image")
+    if opts.COLLECTION == 'images':
+        refuse_image_files(run, "COLLECTION=images")
     index, meta = load_index(run, opts.COLLECTION, target)
     if opts.K > index.ntotal:
         raise UserError(f"K={opts.K}: the {opts.COLLECTION} {target} index holds only "

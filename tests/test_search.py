@@ -270,6 +270,10 @@ def test_unreadable_query_image(tiny_run, tmp_path):
     bad.write_bytes(b'\x89PNG truncated')
     with pytest.raises(UserError, match='cannot be decoded'):
         query(tiny_run, f'IMAGE={bad}')
+    huge = tmp_path / 'huge.png'   # valid, but past PIL's decompression-bomb limit
+    Image.new('1', (14000, 14000)).save(huge)
+    with pytest.raises(UserError, match="huge.png'?: more pixels than PIL's limit"):
+        query(tiny_run, f'IMAGE={huge}')
 
 
 def test_bad_runs_and_indexes(tiny_run, tmp_path):
@@ -436,6 +440,8 @@ def test_what_a_features_run_cannot_do(feature_runs, tmp_path, name, args, messa
         query(feature_runs[name], *[a.format(photo=photo) for a in args])
     with pytest.raises(UserError, match='cannot encode an image file'):
         search.main(['index', f"RUN={feature_runs['img']}", f'IMAGES={tmp_path}'])
+    with pytest.raises(UserError, match='COLLECTION=images: this run was trained on stored'):
+        query(feature_runs[name], 'TEXT_OF=1', 'COLLECTION=images')
 
 
 # ===== hostile input: one line, exit status 2, nothing written =====
