@@ -542,10 +542,10 @@ def image_files(folder):
 
 def open_image(path):
     """An RGB PIL image (EXIF orientation applied), or None when it cannot be decoded."""
-    return read_image(path)[0]
+    return decode_image(path)[0]
 
 
-def read_image(path):
+def decode_image(path):
     """(RGB PIL image, None), or (None, why it cannot be used)."""
     from PIL import Image, ImageOps
     try:
@@ -673,7 +673,7 @@ def make_query(run, opts):
         if not os.path.isfile(opts.IMAGE):
             what = 'is a folder' if os.path.isdir(opts.IMAGE) else 'no such file'
             raise UserError(f"IMAGE={opts.IMAGE!r}: {what}; expected a JPEG or PNG image")
-        q.image, why = read_image(opts.IMAGE)
+        q.image, why = decode_image(opts.IMAGE)
         if q.image is None:
             raise UserError(f"IMAGE={opts.IMAGE!r}: {why}")
         q.code, q.title = encode_images(run, [q.image]), f"image {opts.IMAGE}"
