@@ -10,13 +10,14 @@ import torch
 
 import bench
 import datasets
+import demo
 import settings
 
 
 @pytest.fixture(scope='module')
 def tiny_demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp('bench') / 'demo'
-    datasets.make_demo(str(folder), n_pairs=96)   # 9 query, 48 train, 87 database
+    demo.make_demo(str(folder), n_pairs=96)   # 9 query, 48 train, 87 database
     return str(folder)
 
 
