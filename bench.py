@@ -612,10 +612,11 @@ def main_search(argv):
 
 
 # ===== the GPU acceptance run (python bench.py gpu) =====
-# What each part runs. 'full' (CUDA): the paper's 224 px and batch 32, at most 8 minutes on one
-# GPU. 'small' (the CPU): 64 px crops, batch 8 and fewer steps and images, a few minutes on 2
-# cores (a VGG-19 step at 224 px takes about a minute there); its grid prediction is scaled to
-# 224 px and batch 32 by the pixels and pairs per step. The DEMO runs keep the DEMO preset.
+# What each part runs. 'full' (CUDA): the paper's 224 px and batch 32, sized for at most 8
+# minutes on one GPU. 'small' (the CPU): 64 px crops, batch 8, fewer steps and images, a few
+# minutes of CPU time on 2 cores (a VGG-19 step at 64 px and batch 32 took 17 s on our shared
+# 2-core machine); its grid prediction is scaled to 224 px and batch 32 by the pixels and pairs
+# per step. The DEMO runs keep the DEMO preset.
 GPU_SIZES = {
     'full': dict(crop=224, batch=32, workers=settings.NUM_WORKERS,
                  agree_backbones=('alexnet', 'vgg19'), agree_steps=3,
@@ -654,6 +655,9 @@ def bench_gpu(device, sizes, overrides=()):
     """Every figure of the acceptance run, as one dict (what the JSON file holds)."""
     import train
     start = time.perf_counter()
+    if 'DATASET' in settings.parse_overrides(overrides):
+        raise settings.UserError("bench.py gpu: setting DATASET: the run is built on the DEMO "
+                                 "(generated, and replicated at 224 px); leave DATASET out")
     base = gpu_config(overrides, DEVICE=device)
     train.pick_device(base)      # no CUDA here: one line before anything is generated
     data = datasets_load(base)   # the DEMO, generated on first use; also the 224 px replica

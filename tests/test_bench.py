@@ -86,6 +86,13 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'demo')   # refused before generating anything
 
 
+def test_dataset_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        settings.run_cli(bench.main, ['gpu', '--device', 'cpu', '--out', str(tmp_path),
+                                      'DATASET=Wiki'])
+    assert exit_info.value.code == 2 and 'DATASET' in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_whole_run_on_the_cpu(tiny_demo, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.GPU_SIZES, 'small', TINY)
