@@ -924,24 +924,27 @@ def loop_pairs_per_s(session, steps):
     """Pairs per second of Session.train_epoch (loader included, as train.py runs it) over
     `steps` steps after the first, which waits for the loader's workers to start."""
     epoch = session.train_epoch(0)
-    done, start = 0, None
+    done, start, end = 0, None, None
     try:
         for _ in epoch:
             if start is None:
                 sync(session.device)
                 start = time.perf_counter()
-            else:
-                done += 1
-            if done == steps:
-                break
+                continue
+            done += 1
+            if done < steps:
+                end = time.perf_counter()   # the epoch may end before `steps`
+                continue
+            sync(session.device)
+            end = time.perf_counter()
+            break
     finally:
-        epoch.close()
-    sync(session.device)
+        epoch.close()   # stops the loader's workers: not part of the time
     if not done:
         raise settings.UserError(f"bench.py gpu: the DEMO in DATA_DIR={session.cfg.DATA_DIR!r}"
                                  f" gives fewer than 2 training batches of "
                                  f"{session.cfg.BATCH_SIZE}; use the full DEMO")
-    return done * session.cfg.BATCH_SIZE / (time.perf_counter() - start)
+    return done * session.cfg.BATCH_SIZE / (end - start)
 
 
 def eval_rate(session, n_images):
