@@ -544,7 +544,8 @@ def gb(nbytes):
 
 
 def hours(seconds):
-    return f"{seconds / 3600:.1f} h" if seconds >= 360 else format_duration(seconds)
+    """Like format_duration, but hours stay hours (no days): 1234.5 h."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else format_duration(seconds)
 
 
 def print_plan(args, cells, configs, out_dir):
@@ -581,7 +582,8 @@ def print_plan(args, cells, configs, out_dir):
         total['extra'] = max(total['extra'], cost['extra'])
         total['peak'] = max(total['peak'], costs[dataset]['peak_bytes'])
         total['assumed'] |= assumed or data is None
-    rows.append(['grid', str(total['runs']), f"{len(missing)} missing" if missing else 'found',
+    rows.append(['grid', str(total['runs']), f"{len(missing)} missing" if missing else
+                 'none missing',
                  '', hours(total['seconds']),
                  f"{gb(total['disk'] + total['extra'])}" + (' + Wiki images' if any(
                      r[5].startswith('?') for r in rows) else ''), gb(total['peak'])])
