@@ -216,6 +216,37 @@ def test_plan_measures_the_demo_on_this_device(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_measure_cost_counts_what_a_checkpoint_holds(tmp_path):
+    """bench.measure_cost on Wiki's recipe (only fc6, fc7 and the hash layer trained),
+    AlexNet at 64 x 64: figures against the models' own parameter counts."""
+    import bench
+    import models
+    cfg = settings.resolve(['DATASET=Wiki', 'BACKBONE=alexnet', 'PRETRAINED=False', 'CROP=64',
+                            'RESIZE=72', 'CODE_LEN=16', 'BATCH_SIZE=4', 'EVAL_BATCH_SIZE=8',
+                            'DEVICE="cpu"'])
+    cost = bench.measure_cost(cfg, 10, min_seconds=0.0, out_dir=tmp_path, write_bytes=2 ** 20)
+    img = models.ImgNet('alexnet', 16, pretrained=False)
+    txt = models.TxtNet(10, 16)
+    count = lambda params: sum(p.numel() for p in params)
+    assert cost['img_params'] == count(img.parameters())
+    assert cost['txt_params'] == count(txt.parameters())
+    assert cost['trained_params'] == count(img.head_parameters()) + count(txt.parameters())
+    assert cost['step_s'] > 0 and cost['encode_s'] > 0 and cost['peak_bytes'] > 0
+    assert cost['write_bytes_per_s'] > 0 and not list(tmp_path.iterdir())   # nothing left
+
+
+def test_timed_median_skips_the_warm_up_unless_it_is_long():
+    import bench
+    calls = []
+    def fast():
+        calls.append(1)
+    assert bench.timed_median(fast, min_seconds=1e9, max_steps=3) >= 0
+    assert len(calls) == 1 + 3          # a warm-up, then max_steps timed calls
+    calls.clear()
+    assert bench.timed_median(fast, min_seconds=0.0, max_steps=3) >= 0
+    assert len(calls) == 1              # the warm-up took min_seconds (0): it is the figure
+
+
 # ===== finished cells, cells in use, signals, pipes =====
 def test_corrupt_settings_of_a_finished_cell_is_one_line(fake_train, capsys):
     run = fake_train / 'DEMO_DJSRH_alexnet_8bit_seed0'
