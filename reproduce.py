@@ -216,14 +216,7 @@ def data_files(cfg):
     """The files a run of cfg reads, as found where train.py looks; a UserError naming
     what is missing and where to get it otherwise. DEMO is generated on first use."""
     import datasets
-    if cfg.DATASET == 'DEMO' and not cfg.PUBLISHED:
-        return [cfg.DATA_DIR] if os.path.isdir(cfg.DATA_DIR) else []
-    if not os.path.isdir(cfg.DATA_DIR):
-        raise settings.UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: no such folder; see "
-                                 f"docs/data.md#where-to-get-the-data")
-    if cfg.PUBLISHED or cfg.DATASET == 'Wiki':
-        return [cfg.DATA_DIR]
-    return list(datasets.dcmh_paths(cfg.DATASET, cfg.DATA_DIR))
+    return datasets.data_files(cfg)
 
 
 # ===== running the grid =====
