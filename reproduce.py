@@ -908,8 +908,8 @@ def command(argv):
         print('\ninterrupted; run the same command again to resume', file=sys.stderr)
         return 130
     except Terminated:
-        print('terminated: train.py was stopped (its last checkpoint stays); run the same '
-              'command again to resume', file=sys.stderr)
+        print('terminated: the grid stopped, and its train.py with it (the last checkpoint '
+              'stays); run the same command again to resume', file=sys.stderr)
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
