@@ -562,9 +562,9 @@ def print_plan(args, cells, configs, out_dir):
     missing = missing_data(configs)
     import bench
     print(f"plan: {len(cells)} runs ({', '.join(args.table)}; seeds 0..{args.seeds - 1}) in "
-          f"{out_dir}, {len(done)} finished already")
+          f"{out_dir}, {len(done)} finished already", flush=True)
     print(f"timing each dataset on {bench.machine()}: synthetic batches of its shapes, "
-          f"random weights, no data read")
+          f"random weights, no data read", flush=True)
     costs = measure_all(configs, out_dir)
     rows, total = [], dict(runs=0, seconds=0.0, disk=0, extra=0, peak=0, assumed=False)
     for dataset, cfg in first_per_dataset(configs).items():
