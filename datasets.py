@@ -72,9 +72,10 @@ def load(cfg, generate=True, verbose=True, train=True):
 def need_folder(cfg):
     if not os.path.isdir(cfg.DATA_DIR):
         what = 'is a file' if os.path.exists(cfg.DATA_DIR) else 'no such folder'
+        where = f"; {pairs.where_to_get(cfg.DATASET)}" if cfg.DATASET in pairs.SOURCES else ''
         raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: {what}; expected the folder "
-                        f"holding the {cfg.DATASET} files ({', '.join(expected_files(cfg))}); "
-                        f"{pairs.where_to_get(cfg.DATASET)}")
+                        f"holding the {cfg.DATASET} files ({', '.join(expected_files(cfg))})"
+                        f"{where}")
 
 
 def data_files(cfg):

@@ -39,7 +39,8 @@ SOURCES = {
 
 
 def where_to_get(dataset, published=''):
-    """'download X: see docs/data.md#where-to-get-the-data', for a benchmark's files."""
+    """'download X: see docs/data.md#where-to-get-the-data', for a benchmark's files (a
+    dataset of SOURCES; a user's own folder has no download)."""
     what = SOURCES.get(published or dataset)
     return f"{what}: see {DATA_DOC}" if what else f"see {DATA_DOC}"
 
