@@ -533,9 +533,11 @@ def measure_all(configs, out_dir):
         start = time.perf_counter()
         costs[dataset] = c = bench.measure_cost(cfg, shape['text'], out_dir=out_dir)
         seen.setdefault(key, dataset)
-        print(f" {c['step_s']:.3g} s a training step, {c['encode_s'] * 1e3:.3g} ms a pair to "
-              f"encode, peak memory {gb(c['peak_bytes'])} ({time.perf_counter() - start:.0f} s"
-              f" to measure)", flush=True)
+        encode = (f"{c['encode_s']:.3g} s" if c['encode_s'] >= 1 else
+                  f"{c['encode_s'] * 1e3:.3g} ms")
+        print(f" {c['step_s']:.3g} s a training step, {encode} a pair to encode, peak memory "
+              f"{gb(c['peak_bytes'])} ({time.perf_counter() - start:.0f} s to measure)",
+              flush=True)
     return costs
 
 
