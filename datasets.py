@@ -52,9 +52,11 @@ def load(cfg, generate=True, verbose=True, train=True):
     if cfg.DATASET == 'DEMO' and generate:
         demo.ensure(cfg.DATA_DIR)
     if cfg.PUBLISHED:
+        check_not_mixed(cfg)
         data = published.load(cfg)
     else:
         need_folder(cfg)
+        check_not_mixed(cfg)
         data = READERS[cfg.DATASET].load(cfg, need_images=not cfg.IMAGE_FEATURES)
         if cfg.IMAGE_FEATURES:  # stored features (features.py): no image is read
             features.apply_image_features(cfg, data)
@@ -71,8 +73,49 @@ def load(cfg, generate=True, verbose=True, train=True):
 def need_folder(cfg):
     if not os.path.isdir(cfg.DATA_DIR):
         what = 'is a file' if os.path.exists(cfg.DATA_DIR) else 'no such folder'
+        where = f"; {pairs.where_to_get(cfg.DATASET)}" if cfg.DATASET in pairs.SOURCES else ''
         raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: {what}; expected the folder "
-                        f"holding the {cfg.DATASET} files ({', '.join(expected_files(cfg))})")
+                        f"holding the {cfg.DATASET} files ({', '.join(expected_files(cfg))})"
+                        f"{where}")
+
+
+def data_files(cfg):
+    """The files a run of cfg reads, found where load(cfg) looks, without reading them
+    (reproduce.py checks a whole grid's data this way before its first run); a UserError
+    naming what is missing and where to get it. DEMO's are generated on first use."""
+    if cfg.DATASET == 'DEMO' and not cfg.PUBLISHED:
+        names = [os.path.join(cfg.DATA_DIR, name) for name in dcmh.DCMH_FILES['DEMO']]
+        return [path for path in names if os.path.isfile(path)]
+    if cfg.PUBLISHED:
+        check_not_mixed(cfg)
+        return published.find_files(cfg)
+    need_folder(cfg)
+    check_not_mixed(cfg)
+    files = READERS[cfg.DATASET].find_files(cfg, need_images=not cfg.IMAGE_FEATURES)
+    return files + [f for f in (cfg.IMAGE_FEATURES, cfg.TEXT_FEATURES) if f]
+
+
+def check_not_mixed(cfg):
+    """UCCH's MIRFlickr and NUS-WIDE files share DCMH's names for the texts and labels
+    (mirflickr25k-yall.mat, ...) but not their row order: a folder holding UCCH's image
+    features beside DCMH's images is refused, whichever of the two is asked for."""
+    if cfg.DATASET not in published.UCCH_FILES or cfg.DATASET not in dcmh.DCMH_FILES \
+            or cfg.PUBLISHED == 'DGCPN' or not os.path.isdir(cfg.DATA_DIR):
+        return
+    ucch = [names[0] for names in published.UCCH_FILES[cfg.DATASET]
+            if os.path.isfile(os.path.join(cfg.DATA_DIR, names[0]))]
+    try:
+        iall = os.path.relpath(dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll'), cfg.DATA_DIR)
+    except UserError:
+        iall = None
+    if ucch and (iall or not cfg.PUBLISHED):
+        texts, labels = dcmh.DCMH_FILES[cfg.DATASET][1:]
+        dcmh_part = f"DCMH's {iall} and " if iall else ''
+        raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: holds {dcmh_part}UCCH's "
+                        f"{ucch[0]}; the two projects' {texts} and {labels} share names but "
+                        f"not row order, so this folder cannot be read as either: keep each "
+                        f"project's files in a folder of its own (PUBLISHED runs default to "
+                        f"{settings.published_dir('UCCH', settings.PRESETS[cfg.DATASET]['DATA_DIR'])})")
 
 
 def report(data, cfg):

@@ -16,7 +16,8 @@ import os
 import numpy as np
 
 import matfile
-from pairs import Data, check_labels, check_texts, fmt_matrix, fmt_shape, image_source
+from pairs import (Data, check_labels, check_texts, fmt_matrix, fmt_shape, image_source,
+                   where_to_get)
 from settings import UserError
 
 # ===== file layouts (README, Data) =====
@@ -50,6 +51,12 @@ def load(cfg, need_images=True):
     return data
 
 
+def find_files(cfg, need_images=True):
+    """The files a run of cfg reads (IAll only with need_images), as found; nothing read."""
+    keys = DCMH_KEYS if need_images else DCMH_KEYS[1:]
+    return [dcmh_path(cfg.DATASET, cfg.DATA_DIR, key) for key in keys]
+
+
 def load_texts_labels(dataset, data_dir):
     """YAll and LAll alone: the pairs' texts and labels, no image file opened."""
     yall, lall = (dcmh_path(dataset, data_dir, key) for key in ('YAll', 'LAll'))
@@ -74,7 +81,7 @@ def dcmh_path(dataset, data_dir, key):
         if os.path.isfile(path):
             return path
     raise UserError(f"missing file {name} ({key}): tried {', '.join(tried)}; "
-                    f"expected the {dataset} files in DATA_DIR (see docs/data.md)")
+                    f"expected the {dataset} files in DATA_DIR; {where_to_get(dataset)}")
 
 
 def load_dcmh(dataset, data_dir, in_memory=False):

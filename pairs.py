@@ -11,7 +11,8 @@ Who owns what in the data layer (each module imports only those below it):
     published.py  UCCH's and DGCPN's published feature files, with their splits
     demo.py       writes the generated DEMO dataset (in the MIRFlickr layout)
     features.py   stored feature files (IMAGE_FEATURES, TEXT_FEATURES) and their batches
-    pairs.py      this file: Data, the image sources, check_labels, check_texts
+    pairs.py      this file: Data, the image sources, check_labels, check_texts,
+                  where_to_get (the download of each benchmark's files)
     matfile.py    MATLAB v5 / v7.3 files: reading, writing, orientation
 """
 import dataclasses
@@ -23,6 +24,25 @@ from PIL import Image
 
 import matfile
 from settings import UserError
+
+
+# ===== where to get the files (docs/data.md#where-to-get-the-data) =====
+# The end of every "no such folder" / "missing file" error of a benchmark dataset.
+DATA_DOC = 'docs/data.md#where-to-get-the-data'
+SOURCES = {
+    'MIRFlickr': "download DCMH's MIRFlickr-25K .mat files (or build them with prepare.py)",
+    'NUSWIDE': "download DCMH's NUS-WIDE top-10 .mat files (or build them with prepare.py)",
+    'Wiki': "download the Wikipedia dataset of Rasiwasia et al.",
+    'UCCH': "download UCCH's feature files (penghu-cs/UCCH)",
+    'DGCPN': "DGCPN publishes no download of its files (make such files with extract.py)",
+}
+
+
+def where_to_get(dataset, published=''):
+    """'download X: see docs/data.md#where-to-get-the-data', for a benchmark's files (a
+    dataset of SOURCES; a user's own folder has no download)."""
+    what = SOURCES.get(published or dataset)
+    return f"{what}: see {DATA_DOC}" if what else f"see {DATA_DOC}"
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import numpy as np
 import matfile
 from dcmh import read_texts_labels
 from features import FeatureRows, read_features
-from pairs import Data, check_labels, fmt_matrix as fmt
+from pairs import Data, check_labels, fmt_matrix as fmt, where_to_get
 from settings import UserError
 
 # ===== the published layouts =====
@@ -42,9 +42,41 @@ DGCPN_SPLIT = (('query', 'test_num.npy'), ('train', 'train_num.npy'),
 
 def load(cfg):
     """The Data of cfg.DATASET in cfg.DATA_DIR as the PUBLISHED project laid it out."""
+    find_files(cfg)
     if cfg.PUBLISHED == 'UCCH':
         return load_ucch(cfg.DATASET, cfg.DATA_DIR)
     return load_dgcpn(cfg.DATASET, cfg.DATA_DIR)
+
+
+def file_names(cfg):
+    """The names of cfg's files in its PUBLISHED layout (UCCH: the names found, else the
+    current ones)."""
+    if cfg.PUBLISHED == 'DGCPN':
+        name = DGCPN_NAMES[cfg.DATASET]
+        return [f'{name}_vgg19.npy', 'tags.npy', 'label.npy', *(f for _, f in DGCPN_SPLIT)]
+    if cfg.DATASET == 'IAPR':
+        return [UCCH_IAPR]
+    names = next((c for c in UCCH_FILES[cfg.DATASET]
+                  if os.path.isfile(os.path.join(cfg.DATA_DIR, c[0]))), UCCH_FILES[cfg.DATASET][0])
+    return list(dict.fromkeys(names))
+
+
+def find_files(cfg):
+    """The files of cfg's PUBLISHED layout in DATA_DIR; a missing folder or file is named
+    with where to get them. Nothing is read."""
+    names = file_names(cfg)
+    where = where_to_get(cfg.DATASET, cfg.PUBLISHED)
+    if not os.path.isdir(cfg.DATA_DIR):
+        what = 'is a file' if os.path.exists(cfg.DATA_DIR) else 'no such folder'
+        raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: {what}; expected the folder "
+                        f"holding {cfg.PUBLISHED}'s {cfg.DATASET} files ({', '.join(names)}); "
+                        f"{where}")
+    paths = [os.path.join(cfg.DATA_DIR, name) for name in names]
+    missing = [name for name, path in zip(names, paths) if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} in DATA_DIR={cfg.DATA_DIR!r}: expected "
+                        f"{cfg.PUBLISHED}'s {cfg.DATASET} files; {where}")
+    return paths
 
 
 def published_data(dataset, images, texts, labels, split, files):

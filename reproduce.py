@@ -19,7 +19,9 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,7 +128,15 @@ def changed_settings(run_dir, cfg):
     path = Path(run_dir) / 'settings.json'
     if not path.exists():
         return []
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        saved = err
+    if not isinstance(saved, dict):
+        what = (f"cannot be read as JSON ({type(saved).__name__}: {saved})"
+                if isinstance(saved, Exception) else f"a JSON {type(saved).__name__}")
+        raise settings.UserError(f"{path}: {what}, expected the settings train.py wrote; "
+                                 f"restore it, or move {run_dir} away to run the cell again")
     return sorted(k for k, v in vars(cfg).items()
                   if k not in settings.RUN_CONTROL and k in saved and saved[k] != v)
 
@@ -181,7 +191,43 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# ===== the data each dataset needs =====
+def missing_data(configs):
+    """{dataset: one line saying what is missing and where to get it} for every dataset
+    whose files are not where its cells will look; checked by name and place, nothing read."""
+    missing = {}
+    for dataset, cfg in first_per_dataset(configs).items():
+        try:
+            data_files(cfg)
+        except settings.UserError as err:
+            missing[dataset] = str(err)
+    return missing
+
+
+def first_per_dataset(configs):
+    """{dataset: the resolved settings of its first cell}, in grid order."""
+    out = {}
+    for cfg in configs:
+        out.setdefault(cfg.DATASET, cfg)
+    return out
+
+
+def data_files(cfg):
+    """The files a run of cfg reads, as found where train.py looks; a UserError naming
+    what is missing and where to get it otherwise. DEMO is generated on first use."""
+    import datasets
+    return datasets.data_files(cfg)
+
+
 # ===== running the grid =====
+class Terminated(Exception):
+    """SIGTERM reached reproduce.py: its train.py is stopped, then the grid."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def run_cell(cmd, run_dir, quiet):
     """Run one train.py; quiet sends its output to run_dir/train.log. Returns the exit code."""
     if not quiet:
@@ -193,12 +239,18 @@ def run_cell(cmd, run_dir, quiet):
 
 def wait_for(proc):
     """Wait for train.py. On Ctrl-C it got the same SIGINT and stops after its batch, saving a
-    checkpoint: let it finish that (subprocess.call would kill it), then stop the grid."""
+    checkpoint: let it finish that (subprocess.call would kill it), then stop the grid. On
+    SIGTERM (sent to reproduce.py alone, as `kill` or a job scheduler does) pass it on and
+    wait, so that no train.py outlives its grid; its last checkpoint stays."""
     try:
         return proc.wait()
     except KeyboardInterrupt:
         print('\ninterrupted: waiting for train.py to save its checkpoint '
               '(Ctrl-C again aborts it)', file=sys.stderr, flush=True)
+        proc.wait()
+        raise
+    except Terminated:
+        proc.terminate()
         proc.wait()
         raise
 
@@ -208,7 +260,9 @@ def cell_label(cell):
     return f'{dataset} {variant} {code_len} bits seed {seed}'
 
 
-def run_grid(args):
+def prepare_grid(args):
+    """The overrides, cells and resolved settings of the grid; every mistake in the
+    settings is found here, before anything runs."""
     extra = list(args.overrides)
     given = settings.parse_overrides(extra)
     if 'features' in args.table:
@@ -222,18 +276,41 @@ def run_grid(args):
         raise settings.UserError(f"setting {', '.join(clash)} is set by the grid; use "
                                  "--table/--datasets/--variants/--bits/--seeds/--out-dir")
     cells = grid_cells(args.table, args.datasets, args.variants, args.bits, args.seeds)
-    configs = [cell_config(cell, extra) for cell in cells]  # every mistake before any run
+    return extra, cells, [cell_config(cell, extra) for cell in cells]
+
+
+def run_grid(args):
+    extra, cells, configs = prepare_grid(args)
     out_dir = Path(args.out_dir)
-    todo = [c for c, cfg in zip(cells, configs)
-            if not (out_dir / settings.default_run_name(cfg) / 'results.json').exists()]
+    if args.plan:
+        return print_plan(args, cells, configs, out_dir)
+    finished = {cell: out_dir / settings.default_run_name(cfg) / 'results.json'
+                for cell, cfg in zip(cells, configs)}
+    finished = {cell for cell, path in finished.items() if path.exists()}
+    missing = missing_data([cfg for cell, cfg in zip(cells, configs) if cell not in finished])
+    if missing and not args.dry_run:   # every dataset checked before the first run
+        for dataset, problem in missing.items():
+            print(f"error: {dataset}: {problem}", file=sys.stderr)
+        return 2
+    for dataset, problem in missing.items():
+        print(f"note: {dataset}: {problem}")
+    todo = [c for c in cells if c not in finished]
     print(f'{len(cells)} cells, {len(cells) - len(todo)} already finished, '
           f'runs in {out_dir}', flush=True)
-    times, ran = [], 0
+    skips = {}   # finished cells: read now, so that a broken one stops the grid before a run
+    for i, (cell, cfg) in enumerate(zip(cells, configs), 1):
+        if cell in finished:
+            skips[cell] = skip_lines(f'[{i}/{len(cells)}] {cell_label(cell)}',
+                                     out_dir / settings.default_run_name(cfg), cfg)
+    times, ran, busy = [], 0, []
     for i, (cell, cfg) in enumerate(zip(cells, configs), 1):
         run_dir = out_dir / settings.default_run_name(cfg)
         tag = f'[{i}/{len(cells)}] {cell_label(cell)}'
-        if (run_dir / 'results.json').exists():
-            report_skip(tag, run_dir, cfg, cell, times)
+        if cell in skips:
+            print('\n'.join(skips[cell]), flush=True)
+            wall = finished_time(run_dir)
+            if wall:
+                times.append((cell, wall))  # finished cells inform the estimate as well
             continue
         if args.max_cells is not None and ran >= args.max_cells:
             print(f'stopping after {ran} cells (--max-cells); run again to go on', flush=True)
@@ -242,11 +319,21 @@ def run_grid(args):
         if args.dry_run:
             print(f'{tag}: would run: {" ".join(cmd)}', flush=True)
             continue
+        holder = cell_holder(run_dir)
+        if holder:   # another grid (or train.py) runs it: take the next free cell
+            print(f'{tag}: in use by {holder}; going on with the next free cell', flush=True)
+            busy.append(cell)
+            continue
         print(f'{tag}: running in {run_dir}', flush=True)
         start = time.time()
         code = run_cell(cmd, run_dir, args.quiet)
         if code == 130:  # train.py stopped on SIGINT and saved its checkpoint
             raise KeyboardInterrupt
+        if code == 2 and cell_holder(run_dir) and not (run_dir / 'results.json').exists():
+            print(f'{tag}: taken by another process meanwhile; going on with the next free '
+                  'cell', flush=True)
+            busy.append(cell)
+            continue
         if code != 0 or not (run_dir / 'results.json').exists():
             where = f'; see {run_dir / "train.log"}' if args.quiet else ''
             print(f'{tag}: train.py failed (exit {code}){where}', file=sys.stderr)
@@ -254,33 +341,294 @@ def run_grid(args):
         ran += 1
         todo.remove(cell)
         times.append((cell, time.time() - start))
-        left = (f'{len(todo)} cell{"s" if len(todo) > 1 else ""} left, about '
-                f'{format_duration(time_left(todo, times))}' if todo else 'no cells left')
+        left = [c for c in todo if c not in busy]
+        left = (f'{len(left)} cell{"s" if len(left) > 1 else ""} left, about '
+                f'{format_duration(time_left(left, times))}' if left else 'no cells left')
         print(f'{tag}: done in {format_duration(times[-1][1])}, {result_line(run_dir)}; {left}',
               flush=True)
     if not args.dry_run:
-        print(f'all {len(cells)} cells finished; summary: '
-              f'python reproduce.py summary {out_dir}')
+        report_end(cells, configs, out_dir, busy)
     return 0
 
 
-def report_skip(tag, run_dir, cfg, cell, times):
-    """Progress line of a finished cell; warn if it was made with other settings."""
-    print(f'{tag}: finished already, skipped ({result_line(run_dir)})', flush=True)
+def report_end(cells, configs, out_dir, busy):
+    """The last line: all finished, or which cells other processes still run."""
+    running = [cell for cell, cfg in zip(cells, configs) if cell in busy and not
+               (out_dir / settings.default_run_name(cfg) / 'results.json').exists()]
+    if running:
+        print(f'{len(cells) - len(running)} of {len(cells)} cells finished; still running in '
+              f'another process: {"; ".join(cell_label(c) for c in running)}. Run the same '
+              f'command again when they end (it skips finished cells), then: '
+              f'python reproduce.py summary {out_dir}')
+    else:
+        print(f'all {len(cells)} cells finished; summary: '
+              f'python reproduce.py summary {out_dir}')
+
+
+# ===== another process on the same cell =====
+LOCK_NAME = '.lock'   # train.py's lock file in each run directory
+
+
+def cell_holder(run_dir):
+    """Who holds the cell's run directory now ('process N on host', as train.py writes it
+    into its lock file), or None. The lock is looked up, never taken: /proc/locks lists
+    every lock of either kind (flock, POSIX record lock) on Linux; elsewhere both kinds are
+    tried without waiting and released at once."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        held = locked_by_proc_locks(path)
+        if held is None:
+            held = locked_by_trying(path)
+        text = path.read_text(errors='replace').strip() if held else ''
+    except OSError:   # no lock file, or one we cannot open: nobody runs it (train.py says)
+        return None
+    return (text or 'another process') if held else None
+
+
+def locked_by_proc_locks(path):
+    """True or False from /proc/locks (Linux); None where it cannot be read."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open('/proc/locks') as f:
+            return any(key in line.split() for line in f)
+    except OSError:
+        return None
+
+
+def locked_by_trying(path):
+    import fcntl
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for lock in (fcntl.flock, fcntl.lockf):
+            try:
+                lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:   # BlockingIOError, or EACCES for a record lock
+                return True
+            lock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def skip_lines(tag, run_dir, cfg):
+    """The progress lines of a finished cell (a warning if it was made with other
+    settings). Reads its results.json and settings.json: a broken one is one line."""
+    lines = [f'{tag}: finished already, skipped ({result_line(run_dir)})']
     changed = changed_settings(run_dir, cfg)
     if changed:
-        print(f'{tag}: warning: {run_dir} was made with other values of '
-              f'{", ".join(changed)} than asked for now (use another --out-dir, or delete '
-              'its results.json to run it again)', flush=True)
-    wall = finished_time(run_dir)
-    if wall:
-        times.append((cell, wall))  # finished cells inform the estimate as well
+        lines.append(f'{tag}: warning: {run_dir} was made with other values of '
+                     f'{", ".join(changed)} than asked for now (use another --out-dir, or '
+                     'delete its results.json to run it again)')
+    return lines
 
 
 def result_line(run_dir):
     results = read_results(Path(run_dir) / 'results.json')
     return f"mAP@{results.get('topk', 50)} I->T {results['map_i2t']:.3f} " \
            f"T->I {results['map_t2i']:.3f}"
+
+
+# ===== the plan: time, disk and memory before a single epoch =====
+# Each dataset's sizes (docs/data.md): pairs in the query, training and retrieval sets,
+# text width, labels. On a published layout (docs/features.md) the sizes are assumed from
+# DCMH's files and UCCH's split (its files were never opened here); IAPR TC-12 and MS-COCO
+# as DCMH and UCCH describe those sets.
+SHAPES = {
+    'MIRFlickr': dict(query=2000, train=5000, database=18015, text=1386, labels=24),
+    'NUSWIDE': dict(query=2000, train=5000, database=184577, text=1000, labels=10),
+    'Wiki': dict(query=693, train=2173, database=2173, text=10, labels=10),
+    'DEMO': dict(query=200, train=1000, database=1800, text=300, labels=8),
+}
+UCCH_SHAPES = {   # the last rows are the queries, the rest both training and retrieval set
+    'MIRFlickr': dict(query=2000, train=18015, database=18015, text=1386, labels=24),
+    'NUSWIDE': dict(query=2100, train=184477, database=184477, text=1000, labels=10),
+    'IAPR': dict(query=2000, train=18000, database=18000, text=2912, labels=255),
+    'MSCOCO': dict(query=5000, train=117218, database=117218, text=300, labels=80),
+}
+IMAGE_BYTES = 224 * 224 * 3   # one image of a DCMH IAll (uint8)
+FEATURE_DIM = 4096            # fc7
+
+
+def dataset_shape(cfg):
+    """(sizes, assumed): the dataset's sizes for cfg, and whether they are assumed."""
+    if cfg.PUBLISHED == 'UCCH':
+        return UCCH_SHAPES[cfg.DATASET], True
+    return SHAPES[cfg.DATASET], bool(cfg.PUBLISHED)
+
+
+def n_evaluations(cfg):
+    """Evaluations a run makes: every EVAL_INTERVAL epochs, after the last one, and before
+    the first with EVAL_UNTRAINED."""
+    epochs = set(range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL))
+    return len(epochs | {cfg.NUM_EPOCH}) + bool(cfg.EVAL_UNTRAINED)
+
+
+def run_cost(cfg, cost, shape):
+    """Seconds and bytes of one run of cfg from the measured figures: its training steps,
+    its evaluations (encoding the query and retrieval sets), its checkpoint writes; the
+    disk it keeps (final checkpoint, codes) and what it needs on top while it trains (the
+    checkpoint with the optimiser state, and its temporary copy while it is rewritten)."""
+    steps = cfg.NUM_EPOCH * (shape['train'] // cfg.BATCH_SIZE)
+    evals = n_evaluations(cfg)
+    pairs = shape['query'] + shape['database']
+    networks = 4 * (cost['img_params'] + cost['txt_params'])
+    training = networks + 4 * cost['trained_params']           # + momentum buffers
+    final = training if cfg.KEEP_OPTIMIZER else networks
+    speed = cost.get('write_bytes_per_s') or float('inf')
+    seconds = (steps * cost['step_s'] + evals * pairs * cost['encode_s']
+               + (cfg.NUM_EPOCH * training + final) / speed)
+    codes = evals * pairs * (2 * cfg.CODE_LEN + shape['labels'] + 8)  # int8 x 2, labels, index
+    return dict(seconds=seconds, keep=final + codes, extra=2 * training, steps=steps,
+                evals=evals)
+
+
+def nominal_data_bytes(cfg, shape):
+    """About how much disk the dataset's files take, from its sizes (None: not known)."""
+    n = shape['query'] + (shape['database'] if shape['database'] != shape['train'] or
+                          cfg.PUBLISHED else shape['train'])
+    side = 8 * (shape['text'] + shape['labels'])            # YAll, LAll as doubles
+    if settings.uses_image_features(cfg):
+        return n * (4 * FEATURE_DIM + side)
+    if cfg.DATASET == 'Wiki':
+        return None   # JPEG files: their size is not stated by the source
+    if cfg.DATASET == 'DEMO':
+        return n * (64 * 64 * 3 + side)
+    return n * (IMAGE_BYTES + side)
+
+
+def data_bytes(cfg, shape):
+    """(bytes, found): the files' size on disk when they are there, else nominal."""
+    try:
+        files = data_files(cfg)
+    except settings.UserError:
+        return nominal_data_bytes(cfg, shape), False
+    total = 0
+    for path in files:
+        for root, _, names in os.walk(path) if os.path.isdir(path) else [('', [], [path])]:
+            total += sum(os.path.getsize(os.path.join(root, n)) for n in names)
+    return (total or nominal_data_bytes(cfg, shape)), bool(files)
+
+
+def measure_all(configs, out_dir):
+    """bench.measure_cost for the first cell of each dataset (its shapes), with progress.
+    Datasets whose runs differ only in text width share one measurement when a CNN runs
+    on images: the text network is a negligible part of its step (VGG-19: 0.02%)."""
+    import bench
+    costs, seen = {}, {}
+    for dataset, cfg in first_per_dataset(configs).items():
+        shape, _ = dataset_shape(cfg)
+        on_features = settings.uses_image_features(cfg)
+        key = None if on_features else tuple(getattr(cfg, k) for k in COST_KEYS)
+        if key in seen:
+            costs[dataset] = costs[seen[key]]
+            print(f"  {dataset}: the networks and batches of {seen[key]} (text width aside): "
+                  f"its figures", flush=True)
+            continue
+        what = (f"{'features' if on_features else cfg.BACKBONE}, batch {cfg.BATCH_SIZE}"
+                + ('' if on_features else f" of {cfg.CROP} x {cfg.CROP}")
+                + f", {shape['text']}-d text"
+                + ('' if cfg.TRAIN_ALL_IMG else ', fc6/fc7/hash layer trained'))
+        print(f"  measuring {dataset} ({what}) ...", end='', flush=True)
+        start = time.perf_counter()
+        costs[dataset] = c = bench.measure_cost(cfg, shape['text'], out_dir=out_dir)
+        seen.setdefault(key, dataset)
+        encode = (f"{c['encode_s']:.3g} s" if c['encode_s'] >= 1 else
+                  f"{c['encode_s'] * 1e3:.3g} ms")
+        print(f" {c['step_s']:.3g} s a training step, {encode} a pair to encode, peak memory "
+              f"{gb(c['peak_bytes'])} ({time.perf_counter() - start:.0f} s to measure)",
+              flush=True)
+    return costs
+
+
+# What a step's cost depends on, text width aside (measure_all).
+COST_KEYS = ('BACKBONE', 'CROP', 'BATCH_SIZE', 'EVAL_BATCH_SIZE', 'TRAIN_ALL_IMG', 'CODE_LEN',
+             'DEVICE', 'BF16', 'TF32', 'CHANNELS_LAST', 'DETERMINISTIC')
+
+
+def gb(nbytes):
+    return '?' if nbytes is None else f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else \
+        f"{nbytes / 1e6:.0f} MB"
+
+
+def hours(seconds):
+    """Like format_duration, but hours stay hours (no days): 1234.5 h."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else format_duration(seconds)
+
+
+def print_plan(args, cells, configs, out_dir):
+    """--plan: per dataset and for the whole grid, the runs, the data, the time on this
+    device, the disk and the peak memory. Runs nothing, writes nothing; exits 0."""
+    done = {cell for cell, cfg in zip(cells, configs)
+            if (out_dir / settings.default_run_name(cfg) / 'results.json').exists()}
+    missing = missing_data(configs)
+    import bench
+    print(f"plan: {len(cells)} runs ({', '.join(args.table)}; seeds 0..{args.seeds - 1}) in "
+          f"{out_dir}, {len(done)} finished already", flush=True)
+    print(f"timing each dataset on {bench.machine()}: synthetic batches of its shapes, "
+          f"random weights, no data read", flush=True)
+    costs = measure_all(configs, out_dir)
+    rows, total = [], dict(runs=0, seconds=0.0, disk=0, extra=0, peak=0, assumed=False)
+    for dataset, cfg in first_per_dataset(configs).items():
+        shape, assumed = dataset_shape(cfg)
+        mine = [(c, f) for c, f in zip(cells, configs) if f.DATASET == dataset]
+        cost = run_cost(cfg, costs[dataset], shape)
+        left = sum(run_cost(f, costs[dataset], shape)['seconds'] for c, f in mine
+                   if c not in done)
+        data, found = data_bytes(cfg, shape)
+        disk = (data or 0) + sum(run_cost(f, costs[dataset], shape)['keep'] for _, f in mine)
+        rows.append([dataset, f"{len(mine)} ({sum(c in done for c, _ in mine)} done)",
+                     'MISSING' if dataset in missing else 'found' if found else
+                     'generated on first use',
+                     ('~' if assumed else '') + hours(cost['seconds']),
+                     ('~' if assumed else '') + hours(left),
+                     f"{gb(data)} + runs {gb(disk - (data or 0))}",
+                     gb(costs[dataset]['peak_bytes'])])
+        total['runs'] += len(mine)
+        total['seconds'] += left
+        total['disk'] += disk
+        total['extra'] = max(total['extra'], cost['extra'])
+        total['peak'] = max(total['peak'], costs[dataset]['peak_bytes'])
+        total['assumed'] |= assumed or data is None
+    rows.append(['grid', str(total['runs']), f"{len(missing)} missing" if missing else
+                 'none missing',
+                 '', hours(total['seconds']),
+                 f"{gb(total['disk'] + total['extra'])}" + (' + Wiki images' if any(
+                     r[5].startswith('?') for r in rows) else ''), gb(total['peak'])])
+    header = ['dataset', 'runs', 'data', 'time / run', 'time left', 'disk: data + runs',
+              'peak memory']
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print('  '.join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    for line in plan_notes(configs, missing, costs, total):
+        print(line)
+    return 0
+
+
+def plan_notes(configs, missing, costs, total):
+    """What the table means and what to do about it, one paragraph a line."""
+    yield ("time: training steps x the measured step, evaluations x the pairs they encode, "
+           "checkpoint writes at the measured disk speed; data loading is assumed to keep up "
+           "(bench.py: the loop runs at 80-93% of the step's floor on a 2-core CPU). "
+           "disk: the data, each run's final checkpoint and codes, and one checkpoint with "
+           "its optimiser state (twice, while it is rewritten). "
+           "peak memory: the measuring process's (on CUDA: allocated on the device). "
+           "~: sizes assumed, the files never opened here.")
+    for dataset, problem in missing.items():
+        yield f"missing: {dataset}: {problem}"
+    devices = {c['device'] for c in costs.values()}
+    if devices == {'cpu'} and total['seconds'] > 24 * 3600:
+        yield (f"On this CPU the grid would take about {total['seconds'] / 3600:,.0f} hours "
+               f"({total['seconds'] / 86400:,.0f} days). Run it on a GPU: "
+               f"`python reproduce.py ... --plan` there gives that device's figure; several "
+               f"GPUs: one grid per GPU on the same --out-dir (docs/reproduce.md).")
+    if any(cfg.BACKBONE == 'vgg19' and not settings.uses_image_features(cfg)
+           for cfg in configs):
+        cfg = next(c for c in configs if c.BACKBONE == 'vgg19')
+        yield (f"note: BACKBONE='vgg19' (the default, the paper's network) trains here with "
+               f"the learning rates of the authors' AlexNet code (LR_IMG={cfg.LR_IMG}, "
+               f"LR_TXT={cfg.LR_TXT} for {cfg.DATASET}): a combination nobody has run; "
+               f"BACKBONE=alexnet is the authors' own.")
 
 
 # ===== the summary =====
@@ -422,12 +770,12 @@ def learning_table(results):
     if not runs:
         return ''
     runs.sort(key=lambda r: (sort_key((r['dataset'], r.get('variant', 'DJSRH'),
-                                       r.get('backbone', '?'), r.get('topk', 50),
+                                       image_side(r), r.get('topk', 50),
                                        r['code_len'], 'i2t')), r.get('seed', 0)))
-    lines = ['| dataset | variant | bits | seed | I->T untrained -> trained | '
-             'T->I untrained -> trained | distinct image / text codes |', '|' + '---|' * 7]
-    for r in runs:
-        cells = [r['dataset'], r.get('variant', 'DJSRH'), str(r['code_len']),
+    lines = ['| dataset | variant | images | bits | seed | I->T untrained -> trained | '
+             'T->I untrained -> trained | distinct image / text codes |', '|' + '---|' * 8]
+    for r in runs:   # 'images': the backbone, or where the features came from
+        cells = [r['dataset'], r.get('variant', 'DJSRH'), image_side(r), str(r['code_len']),
                  str(r.get('seed', '?'))]
         for d in DIRECTIONS:
             before, after = r[f'untrained_map_{d}'], r[f'map_{d}']
@@ -513,6 +861,9 @@ def run_parser():
     p.add_argument('--quiet', action='store_true',
                    help="send train.py's output to <run dir>/train.log")
     p.add_argument('--dry-run', action='store_true', help="print the commands, run nothing")
+    p.add_argument('--plan', action='store_true',
+                   help="print the runs, whether the data is there, and the time (measured "
+                        "on this device), disk and memory they will take; run nothing")
     p.epilog = ("Any KEY=VALUE argument is passed on to every train.py "
                 "(e.g. BACKBONE=alexnet NUM_WORKERS=4).")
     return p
@@ -529,6 +880,16 @@ def summary_parser():
 
 
 def main(argv):
+    """The command line; output cut short by the reader (`| head`) ends it quietly."""
+    try:
+        return command(argv)
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def command(argv):
     if argv and argv[0] == 'summary':
         return summarize(summary_parser().parse_args(argv[1:]))
     if argv and argv[0] == 'run':
@@ -542,11 +903,18 @@ def main(argv):
         args.table = ['2'] if given else ['2', '1']
     if args.seeds < 1:
         raise settings.UserError(f"--seeds {args.seeds}: expected at least 1")
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return run_grid(args)
     except KeyboardInterrupt:
         print('\ninterrupted; run the same command again to resume', file=sys.stderr)
         return 130
+    except Terminated:
+        print('terminated: the grid stopped, and its train.py with it (the last checkpoint '
+              'stays); run the same command again to resume', file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

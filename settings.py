@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import types
 
 # ===== data =====
@@ -136,7 +137,8 @@ SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
 # Upper-case names of this module that are not settings.
 NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
                           'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
-                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS'})
+                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'USAGE_WIDTH',
+                          'CONTINUATION_LINE'})
 
 
 class UserError(Exception):
@@ -198,6 +200,8 @@ def resolve(argv=(), extra=None, **overrides):
     if variant not in VARIANTS:
         raise UserError(f"setting VARIANT={variant!r}: expected one of {', '.join(VARIANTS)}")
     cfg = {**base, **PRESETS[dataset], **VARIANTS[variant], **checked}
+    if cfg['PUBLISHED'] and 'DATA_DIR' not in checked:
+        cfg['DATA_DIR'] = published_dir(cfg['PUBLISHED'], cfg['DATA_DIR'])
     validate(cfg)
     return types.SimpleNamespace(**cfg)
 
@@ -249,6 +253,14 @@ def validate(cfg):
     need(stays_inside(cfg['RUN_NAME']), 'RUN_NAME',
          "a name inside OUT_DIR (relative, no '..', '.' or empty parts)")
     validate_features(cfg, need)
+
+
+def published_dir(layout, preset_dir):
+    """A PUBLISHED layout's default DATA_DIR: data/ucch/mirflickr beside DCMH's
+    data/mirflickr. UCCH's files share DCMH's names but not their row order, so the two
+    projects' files never share a default folder."""
+    return os.path.join(os.path.dirname(preset_dir), layout.lower(),
+                        os.path.basename(preset_dir))
 
 
 def stays_inside(name):
@@ -331,23 +343,38 @@ def usage(module):
     value_width = min(16, max(len(text) for text in shown.values()))
     lines = [(module.__doc__ or '').strip(), '',
              'Settings (KEY=VALUE on the command line; the default, then what it does):']
-    lines += [f"  {key:<{key_width}} {text:<{value_width}}  {meanings.get(key, '')}".rstrip()
-              for key, text in shown.items()]
+    indent = 2 + key_width + 1 + value_width + 2
+    for key, text in shown.items():
+        head = f"  {key:<{key_width}} {text:<{value_width}}  "
+        lines.append(textwrap.fill(meanings.get(key, ''), width=max(USAGE_WIDTH, indent + 40),
+                                   initial_indent=head, subsequent_indent=' ' * indent,
+                                   break_long_words=False, break_on_hyphens=False).rstrip()
+                     or head.rstrip())
     if not isinstance(own, dict):
         lines.append("DATASET applies its preset (settings.py, PRESETS) before the overrides.")
     return '\n'.join(lines)
 
 
 def setting_comments(path):
-    """{NAME: trailing comment} of the lines `NAME = value  # comment` (or `NAME=value,
-    # comment` inside a dict) of a source file: the one-line meaning of each setting."""
-    found = {}
+    """{NAME: comment} of the lines `NAME = value  # comment` (or `NAME=value,  # comment`
+    inside a dict) of a source file, each with the indented comment-only lines that follow
+    it (a description longer than one line): the meaning of each setting."""
+    found, current = {}, None
     with open(path, encoding='utf-8') as f:
         for line in f:
             match = SETTING_LINE.match(line)
+            more = CONTINUATION_LINE.match(line)
             if match:
-                found.setdefault(match.group(1), match.group(2).strip())
+                current = match.group(1) if match.group(1) not in found else None
+                if current:
+                    found[current] = match.group(2).strip()
+            elif more and current:
+                found[current] += ' ' + more.group(1).strip()
+            else:
+                current = None
     return found
 
 
 SETTING_LINE = re.compile(r"^\s*([A-Z][A-Z0-9_]*)\s*=\s*[^#]*?,?\s+#\s*(.*)$")
+CONTINUATION_LINE = re.compile(r"^\s+#\s*(.*)$")   # an indented comment-only line
+USAGE_WIDTH = 100

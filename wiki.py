@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 import matfile
-from pairs import Data, FileImages, check_texts, fmt_shape
+from pairs import Data, FileImages, check_texts, fmt_shape, where_to_get
 from settings import UserError
 
 WIKI_FEATURES = 'raw_features.mat'
@@ -24,7 +24,20 @@ WIKI_CATEGORIES = ('art', 'biology', 'geography', 'history', 'literature', 'medi
 
 def load(cfg, need_images=True):
     """The Data of Wiki in cfg.DATA_DIR, split by its list files."""
+    find_files(cfg, need_images)
     return load_wiki(cfg.DATA_DIR, need_images)
+
+
+def find_files(cfg, need_images=True):
+    """The topic file, the two lists and (need_images) the images folder, as found in
+    DATA_DIR; a missing one is named with where to get the dataset. Nothing is read."""
+    names = [WIKI_FEATURES, *WIKI_LISTS] + ([WIKI_IMAGES] if need_images else [])
+    paths = [os.path.join(cfg.DATA_DIR, name) for name in names]
+    missing = [name for name, path in zip(names, paths) if not os.path.exists(path)]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} in DATA_DIR={cfg.DATA_DIR!r}: expected "
+                        f"the Wiki files ({', '.join(names)}); {where_to_get('Wiki')}")
+    return paths
 
 
 def read_wiki_list(path, n_categories=len(WIKI_CATEGORIES)):
@@ -74,7 +87,8 @@ def load_wiki(data_dir, need_images=True):
              for name, c in zip(names, cats)]
     for path in paths if need_images else ():  # named now, not in a worker mid-epoch
         if not os.path.isfile(path):
-            raise UserError(f"missing file {path}: expected the image named in the list files")
+            raise UserError(f"missing file {path}: expected the image named in the list "
+                            f"files; {where_to_get('Wiki')}")
     n_train = len(parts[0][0])
     train = np.arange(n_train, dtype=np.int64)
     query = np.arange(n_train, len(names), dtype=np.int64)

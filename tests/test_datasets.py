@@ -732,3 +732,72 @@ def test_docs_troubleshooting_quotes_messages_the_code_prints():
     assert not missing, missing
     # the check can fail: the text that an earlier README quoted is not printed any more
     assert not quoted('error: ... mirflickr25k-iall.mat: no such file', source)
+
+
+# ===== where to get the data; one project's files per folder =====
+WHERE = 'docs/data.md#where-to-get-the-data'
+
+
+def touch(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b'')   # found by name: these checks read nothing
+
+
+@pytest.mark.parametrize('case', ['no folder', 'DCMH file', 'Wiki list', 'Wiki image folder',
+                                  'UCCH file', 'DGCPN folder'])
+def test_every_missing_benchmark_file_says_where_to_get_it(case, tmp_path):
+    d = tmp_path / 'data'
+    cfg = {'no folder': lambda: config('NUSWIDE', d),
+           'DCMH file': lambda: touch(d, 'mirflickr25k-iall.mat', 'mirflickr25k-lall.mat')
+           or config('MIRFlickr', d),
+           'Wiki list': lambda: touch(d, 'raw_features.mat', 'trainset_txt_img_cat.list')
+           or config('Wiki', d),
+           'Wiki image folder': lambda: touch(d, 'raw_features.mat', *wiki.WIKI_LISTS)
+           or config('Wiki', d),
+           'UCCH file': lambda: touch(d, 'mirflickr25k-iall-vgg.mat', 'mirflickr25k-lall.mat')
+           or config('MIRFlickr', d, PUBLISHED='UCCH'),
+           'DGCPN folder': lambda: config('NUSWIDE', d, PUBLISHED='DGCPN')}[case]()
+    for check in (datasets.data_files, datasets.load):   # reproduce.py's check, train.py's load
+        with pytest.raises(settings.UserError) as err:
+            check(cfg)
+        message = str(err.value)
+        assert message.endswith(WHERE) and '\n' not in message, message
+
+
+def test_train_py_without_its_folder_names_where_to_get_the_data(tmp_path, monkeypatch,
+                                                                 capsys):
+    import train
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        settings.run_cli(train.main, ['DATA_DIR=/nonexistent'])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count('\n') == 1
+    assert "DATA_DIR='/nonexistent': no such folder" in err and WHERE in err
+    assert not list(tmp_path.iterdir())   # the refused run left nothing behind
+
+
+def test_a_folder_mixing_dcmh_and_ucch_files_is_refused(tmp_path):
+    d = tmp_path / 'mixed'
+    touch(d / 'IAll', 'mirflickr25k-iall.mat')   # DCMH's archive layout ...
+    touch(d, 'mirflickr25k-yall.mat', 'mirflickr25k-lall.mat', 'mirflickr25k-iall-vgg.mat')
+    for cfg in (config('MIRFlickr', d), config('MIRFlickr', d, PUBLISHED='UCCH'),
+                config('MIRFlickr', d, IMAGE_FEATURES=str(d / 'x.npy'))):
+        for check in (datasets.data_files, datasets.load):
+            with pytest.raises(settings.UserError, match="share names but not row order") as e:
+                check(cfg)
+            assert 'data/ucch/mirflickr' in str(e.value) and '\n' not in str(e.value)
+    (d / 'mirflickr25k-iall-vgg.mat').unlink()    # DCMH's alone: found
+    assert len(datasets.data_files(config('MIRFlickr', d))) == 3
+    ucch = tmp_path / 'ucch'
+    touch(ucch, 'mirflickr25k-iall-vgg.mat', 'mirflickr25k-yall.mat', 'mirflickr25k-lall.mat')
+    assert len(datasets.data_files(config('MIRFlickr', ucch, PUBLISHED='UCCH'))) == 3
+
+
+def test_published_runs_default_to_their_own_folders():
+    assert settings.resolve(['DATASET=MIRFlickr']).DATA_DIR == 'data/mirflickr'
+    assert settings.resolve(['DATASET=MIRFlickr', 'PUBLISHED=UCCH']).DATA_DIR == \
+        os.path.join('data', 'ucch', 'mirflickr')
+    assert settings.resolve(['DATASET=NUSWIDE', 'PUBLISHED=DGCPN']).DATA_DIR == \
+        os.path.join('data', 'dgcpn', 'nuswide')
+    assert settings.resolve(['DATASET=IAPR', 'PUBLISHED=UCCH', 'DATA_DIR=/x']).DATA_DIR == '/x'

@@ -71,16 +71,26 @@ def test_demo_learns_at_16_bits_and_eval_reproduces(tmp_path):
 
 def test_learning_table_by_hand():
     import reproduce
-    runs = [dict(dataset='DEMO', variant='DJSRH', code_len=32, seed=1, map_i2t=0.6,
-                 map_t2i=0.5, untrained_map_i2t=0.4, untrained_map_t2i=0.45,
+    runs = [dict(dataset='DEMO', variant='DJSRH', backbone='alexnet', code_len=32, seed=1,
+                 map_i2t=0.6, map_t2i=0.5, untrained_map_i2t=0.4, untrained_map_t2i=0.45,
                  distinct_img_codes=300, distinct_txt_codes=900),
-            dict(dataset='DEMO', variant='DJSRH', code_len=16, seed=0, map_i2t=0.55,
-                 map_t2i=0.41, untrained_map_i2t=0.4, untrained_map_t2i=0.41,
+            dict(dataset='DEMO', variant='DJSRH', backbone='alexnet', code_len=16, seed=0,
+                 map_i2t=0.55, map_t2i=0.41, untrained_map_i2t=0.4, untrained_map_t2i=0.41,
                  distinct_img_codes=1, distinct_txt_codes=700),
+            # the same dataset, bits and seed on stored features: its row names the source
+            dict(dataset='DEMO', variant='DJSRH', backbone='alexnet', code_len=16, seed=0,
+                 map_i2t=0.55, map_t2i=0.41, untrained_map_i2t=0.4, untrained_map_t2i=0.41,
+                 distinct_img_codes=1, distinct_txt_codes=700,
+                 image_features='data/demo/fc7.npy'),
             dict(dataset='Wiki', variant='DJSRH', code_len=16, seed=0, map_i2t=0.3,
                  map_t2i=0.5)]  # no untrained evaluation: not listed
     lines = reproduce.learning_table(runs).splitlines()
+    assert lines[0].startswith('| dataset | variant | images | bits |')
     assert lines[2:] == [
-        '| DEMO | DJSRH | 16 | 0 | 0.400 -> 0.550 (+0.150) | 0.410 -> 0.410 (+0.000) | 1 / 700 |',
-        '| DEMO | DJSRH | 32 | 1 | 0.400 -> 0.600 (+0.200) | 0.450 -> 0.500 (+0.050) | 300 / 900 |']
-    assert reproduce.learning_table(runs[2:]) == ''
+        '| DEMO | DJSRH | alexnet | 16 | 0 | 0.400 -> 0.550 (+0.150) | 0.410 -> 0.410 (+0.000) '
+        '| 1 / 700 |',
+        '| DEMO | DJSRH | alexnet | 32 | 1 | 0.400 -> 0.600 (+0.200) | 0.450 -> 0.500 (+0.050) '
+        '| 300 / 900 |',
+        '| DEMO | DJSRH | features fc7.npy | 16 | 0 | 0.400 -> 0.550 (+0.150) | 0.410 -> 0.410 '
+        '(+0.000) | 1 / 700 |']
+    assert reproduce.learning_table(runs[3:]) == ''

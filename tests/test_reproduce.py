@@ -98,6 +98,10 @@ FAKE_TRAIN = textwrap.dedent('''
         f.write(args['RUN_NAME'] + '\\n')
     if os.environ.get('FAKE_FAIL') == args['RUN_NAME']:
         sys.exit(3)
+    if os.environ.get('FAKE_BLOCK') == args['RUN_NAME']:   # runs until a signal ends it
+        import signal
+        print('fake-started', os.getpid(), flush=True)
+        signal.pause()
     (run / 'results.json').write_text(json.dumps(dict(
         dataset=args['DATASET'], variant=args['VARIANT'], backbone='alexnet',
         code_len=int(args['CODE_LEN']), seed=int(args['SEED']), topk=50,
@@ -144,6 +148,192 @@ def test_finished_cell_with_other_settings_warns(fake_train, capsys):
     out = capsys.readouterr().out
     assert 'skipped' in out and 'other values of NUM_EPOCH than' in out
     assert not (fake_train / 'calls.txt').exists()
+
+
+# ===== data checked before the first run; --plan =====
+def test_missing_data_exits_2_before_any_run(fake_train, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)   # no data/ here
+    assert settings.run_cli(reproduce.main, ['--table', '2', '--out-dir', str(fake_train)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(':')[1].strip() for line in err] == ['Wiki', 'MIRFlickr', 'NUSWIDE']
+    assert all(l.startswith('error: ') and 'docs/data.md#where-to-get-the-data' in l
+               for l in err)
+    assert not fake_train.exists()   # no run directory made, no train.py started
+
+
+def test_datasets_option_leaves_the_missing_ones_out(fake_train, tmp_path, monkeypatch,
+                                                    capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / 'data' / 'mirflickr'
+    folder.mkdir(parents=True)
+    for name in ('mirflickr25k-iall.mat', 'mirflickr25k-yall.mat', 'mirflickr25k-lall.mat'):
+        (folder / name).write_bytes(b'')   # found by name: the check reads nothing
+    argv = ['--table', '2', '--bits', '16', '--seeds', '1', '--out-dir', str(fake_train)]
+    assert reproduce.main(argv) == 2
+    assert 'MIRFlickr' not in capsys.readouterr().err
+    assert reproduce.main(argv + ['--datasets', 'MIRFlickr']) == 0
+    assert (fake_train / 'calls.txt').read_text().split() == ['MIRFlickr_DJSRH_vgg19_16bit_seed0']
+
+
+FAKE_COST = dict(device='cpu', step_s=2.0, encode_s=0.01, peak_bytes=6e9, img_params=140e6,
+                 txt_params=5e6, trained_params=145e6, write_bytes_per_s=None)
+
+
+def test_plan_without_data_prints_hours_and_gb(tmp_path, monkeypatch, capsys):
+    import bench
+    monkeypatch.chdir(tmp_path)
+    measured = []
+    monkeypatch.setattr(bench, 'measure_cost', lambda cfg, text_dim, **kw: measured.append(
+        (cfg.DATASET, text_dim)) or FAKE_COST)
+    assert reproduce.main(['--table', '2', '--plan']) == 0
+    out = capsys.readouterr().out
+    # NUS-WIDE's runs differ from MIRFlickr's in text width alone: one measurement
+    assert measured == [('Wiki', 10), ('MIRFlickr', 1386)]
+    assert 'NUSWIDE: the networks and batches of MIRFlickr' in out
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split()[:1] in (['Wiki'], ['MIRFlickr'], ['NUSWIDE'], ['grid'])}
+    assert set(rows) == {'Wiki', 'MIRFlickr', 'NUSWIDE', 'grid'}
+    # MIRFlickr by hand: 80 epochs x 156 steps x 2 s + 2 evaluations x 20,015 pairs x 10 ms
+    per_run = (80 * (5000 // 32) * 2.0 + 2 * 20015 * 0.01) / 3600
+    assert f'{per_run:.1f} h' in rows['MIRFlickr']
+    assert f'{12 * per_run:.1f} h' in rows['MIRFlickr']     # 4 code lengths x 3 seeds
+    assert all('MISSING' in rows[d] and 'GB' in rows[d] for d in ('Wiki', 'MIRFlickr', 'NUSWIDE'))
+    assert '6.0 GB' in rows['grid'] and '3 missing' in rows['grid']
+    assert 'On this CPU the grid would take about' in out and 'GPU' in out
+    assert 'nobody has run' in out
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_plan_measures_the_demo_on_this_device(tmp_path, capsys):
+    """The real measurement (DEMO's AlexNet on 64 x 64): a figure per dataset, no run."""
+    argv = ['--table', 'demo', '--bits', '16', '--seeds', '1', '--plan',
+            '--out-dir', str(tmp_path / 'runs'), f'DATA_DIR={tmp_path / "demo"}']
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r'measuring DEMO \(alexnet, batch 32 of 64 x 64, 300-d text\) \.\.\. '
+                     r'[\d.e+-]+ s a training step', out), out
+    demo = next(l for l in out.splitlines() if l.startswith('DEMO '))
+    assert 'generated on first use' in demo
+    assert 'nobody has run' not in out   # AlexNet: the authors' own learning rates
+    assert not list(tmp_path.iterdir())
+
+
+def test_measure_cost_counts_what_a_checkpoint_holds(tmp_path):
+    """bench.measure_cost on Wiki's recipe (only fc6, fc7 and the hash layer trained),
+    AlexNet at 64 x 64: figures against the models' own parameter counts."""
+    import bench
+    import models
+    cfg = settings.resolve(['DATASET=Wiki', 'BACKBONE=alexnet', 'PRETRAINED=False', 'CROP=64',
+                            'RESIZE=72', 'CODE_LEN=16', 'BATCH_SIZE=4', 'EVAL_BATCH_SIZE=8',
+                            'DEVICE="cpu"'])
+    cost = bench.measure_cost(cfg, 10, min_seconds=0.0, out_dir=tmp_path, write_bytes=2 ** 20)
+    img = models.ImgNet('alexnet', 16, pretrained=False)
+    txt = models.TxtNet(10, 16)
+    count = lambda params: sum(p.numel() for p in params)
+    assert cost['img_params'] == count(img.parameters())
+    assert cost['txt_params'] == count(txt.parameters())
+    assert cost['trained_params'] == count(img.head_parameters()) + count(txt.parameters())
+    assert cost['step_s'] > 0 and cost['encode_s'] > 0 and cost['peak_bytes'] > 0
+    assert cost['write_bytes_per_s'] > 0 and not list(tmp_path.iterdir())   # nothing left
+
+
+def test_timed_median_skips_the_warm_up_unless_it_is_long():
+    import bench
+    calls = []
+    def fast():
+        calls.append(1)
+    assert bench.timed_median(fast, min_seconds=1e9, max_steps=3) >= 0
+    assert len(calls) == 1 + 3          # a warm-up, then max_steps timed calls
+    calls.clear()
+    assert bench.timed_median(fast, min_seconds=0.0, max_steps=3) >= 0
+    assert len(calls) == 1              # the warm-up took min_seconds (0): it is the figure
+
+
+# ===== finished cells, cells in use, signals, pipes =====
+def test_corrupt_settings_of_a_finished_cell_is_one_line(fake_train, capsys):
+    run = fake_train / 'DEMO_DJSRH_alexnet_8bit_seed0'
+    fake_results(run, 'DEMO', 'DJSRH', 8, 0, 0.5, 0.5)
+    (run / 'settings.json').write_text('{"DATASET": "DE')
+    with pytest.raises(SystemExit) as exit_:
+        settings.run_cli(reproduce.main, ['--table', 'demo', '--bits', '16', '8', '--seeds',
+                                          '1', '--out-dir', str(fake_train)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'settings.json' in err and 'cannot be read' in err, err
+    assert not (fake_train / 'calls.txt').exists()   # stopped before the first run
+
+
+@pytest.mark.parametrize('kind', ['flock', 'lockf'])
+def test_a_cell_in_use_is_left_to_its_process(kind, fake_train, capsys):
+    """A second grid on the same folder: the cell another process holds (either kind of
+    lock train.py may take) is passed over, the next free one runs."""
+    import fcntl
+    held = fake_train / 'DEMO_DJSRH_alexnet_8bit_seed0'
+    held.mkdir(parents=True)
+    fd = os.open(held / reproduce.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        getattr(fcntl, kind)(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b'process 4242 on gpu-node\n')
+        argv = ['--table', 'demo', '--bits', '8', '16', '--seeds', '1', '--out-dir',
+                str(fake_train)]
+        assert reproduce.main(argv) == 0
+    finally:
+        os.close(fd)
+    assert (fake_train / 'calls.txt').read_text().split() == ['DEMO_DJSRH_alexnet_16bit_seed0']
+    out = capsys.readouterr().out
+    assert 'in use by process 4242 on gpu-node; going on with the next free cell' in out
+    assert '1 of 2 cells finished; still running in another process: DEMO DJSRH 8 bits' in out
+    assert reproduce.cell_holder(held) is None   # released: free again
+
+
+def test_a_cell_taken_between_check_and_start_is_passed_over(fake_train, monkeypatch, capsys):
+    answers = iter([None, 'process 7 on x'])   # free when checked, held once train.py refused
+    monkeypatch.setattr(reproduce, 'cell_holder', lambda run_dir: next(answers, None))
+    monkeypatch.setenv('FAKE_FAIL', 'DEMO_DJSRH_alexnet_8bit_seed0')
+    monkeypatch.setattr(reproduce, 'run_cell', lambda cmd, run_dir, quiet: 2 if
+                        'RUN_NAME=DEMO_DJSRH_alexnet_8bit_seed0' in cmd else
+                        subprocess.call(cmd))
+    argv = ['--table', 'demo', '--bits', '8', '16', '--seeds', '1', '--out-dir', str(fake_train)]
+    assert reproduce.main(argv) == 0
+    out = capsys.readouterr().out
+    assert 'taken by another process meanwhile' in out
+    assert (fake_train / 'calls.txt').read_text().split() == ['DEMO_DJSRH_alexnet_16bit_seed0']
+
+
+def grid_process(fake_train, argv, **env):
+    """reproduce.py in a child process, with the stand-in train.py."""
+    code = ('import sys, pathlib, reproduce, settings; '
+            f'reproduce.TRAIN_PY = pathlib.Path({str(fake_train.parent / "fake_train.py")!r}); '
+            f'sys.exit(settings.run_cli(reproduce.main, {argv!r}))')
+    return subprocess.Popen([sys.executable, '-c', code], cwd=Path(reproduce.__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1', **env})
+
+
+def test_sigterm_stops_the_grid_and_its_train_py(fake_train):
+    argv = ['--table', 'demo', '--bits', '8', '--seeds', '1', '--out-dir', str(fake_train)]
+    grid = grid_process(fake_train, argv, FAKE_BLOCK='DEMO_DJSRH_alexnet_8bit_seed0')
+    for line in grid.stdout:   # wait for the child to say it runs
+        if line.startswith('fake-started'):
+            child = int(line.split()[1])
+            break
+    grid.send_signal(signal.SIGTERM)
+    out, err = grid.communicate(timeout=60)
+    assert grid.returncode == 143, err
+    assert err.startswith('terminated: the grid stopped, and its train.py with it')
+    assert 'Traceback' not in err
+    with pytest.raises(ProcessLookupError):   # reaped by the grid: nothing outlives it
+        os.kill(child, 0)
+
+
+def test_dry_run_into_a_closed_pipe_is_quiet(fake_train):
+    """`reproduce.py --dry-run | head -1`: more output than a pipe holds, reader gone."""
+    argv = ['--dry-run', '--table', 'demo', '--seeds', '400', '--out-dir', str(fake_train)]
+    grid = grid_process(fake_train, argv)
+    assert 'cells' in grid.stdout.readline()
+    grid.stdout.close()
+    err = grid.stderr.read()
+    assert grid.wait(timeout=60) == 0 and err == ''
 
 
 # ===== the summary =====

@@ -131,13 +131,25 @@ def test_help_prints_the_usage_of_each_command(module, capsys):
     out = capsys.readouterr().out
     assert f'python {module}.py' in out and 'expected KEY=VALUE' not in out
     table = out.split('Settings (KEY=VALUE')[1]
-    listed = {line.split()[0]: line for line in table.splitlines() if line.startswith('  ')}
+    listed = {}   # setting -> its entry, continuation lines (deeper indented) joined
+    for line in table.splitlines():
+        if line.startswith('  ') and line[2] != ' ':
+            key = line.split()[0]
+            listed[key] = line
+        elif line.startswith('   ') and listed:
+            listed[key] += ' ' + line.strip()
     if module == 'prepare':
         assert "RAW_DIR" in listed and 'the downloads' in listed['RAW_DIR']
     else:
         assert set(listed) == set(settings.defaults())
         assert 'bits per code' in listed['CODE_LEN'] and ' 64 ' in listed['CODE_LEN']
         assert all(len(line.split()) > 2 for line in listed.values())   # every one explained
+        # descriptions longer than one comment line come whole, not cut after the first
+        assert "'IAPR' | 'MSCOCO' on UCCH's feature files only" in listed['DATASET']
+        assert 'used as given' in listed['PUBLISHED']
+        assert '0 = the hash layer alone on the features' in listed['FEATURE_HIDDEN']
+        assert "'' = the CNN on the images" in listed['IMAGE_FEATURES']
+        assert all(len(line) <= settings.USAGE_WIDTH for line in table.splitlines())
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
