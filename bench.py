@@ -765,10 +765,6 @@ LOSS_RTOL = 1e-3
 UPDATE_RTOL = 1e-2
 PRECISION_FLAGS = ('BF16', 'TF32', 'CHANNELS_LAST')
 
-# The grids' datasets: (training pairs, images encoded per evaluation = query + database),
-# from the split protocol (README, Data).
-GRID_SIZES = {'Wiki': (2173, 693 + 2173), 'MIRFlickr': (5000, 2000 + 18015),
-              'NUSWIDE': (5000, 2000 + 184577)}
 
 
 def bench_gpu(device, sizes, overrides=()):
@@ -1088,30 +1084,24 @@ def eval_rate(session, n_images):
 # ----- 4. the grids' time -----
 def predict_grid_hours(figures, tables, seeds=3, extra=()):
     """Hours of `reproduce.py --table T` (the given tables, `seeds` seeds) on the measured
-    device: per dataset, runs x (epochs x steps per epoch x step time + evaluations x images
-    per evaluation / evaluation images per second). figures: {backbone: {'step_s': seconds of
-    one training step (loader included) at 224 px, batch 32; 'eval_images_per_s': ...}}.
+    device, by the scaling `reproduce.py --plan` uses (reproduce.run_cost: runs x (epochs x
+    steps per epoch x step time + evaluations x images per evaluation / evaluation images per
+    second); checkpoint writes left out). figures: {backbone: {'step_s': seconds of one
+    training step (loader included) at 224 px, batch 32; 'eval_images_per_s': ...}}.
     Wiki's steps train only fc6, fc7 and the hash layer: timed as full steps, an upper bound."""
     import reproduce
     out = {}
     for cell in reproduce.grid_cells(tables, None, None, None, seeds):
         cfg = reproduce.cell_config(cell, list(extra))
-        train_pairs, eval_images = GRID_SIZES[cfg.DATASET]
         f = figures[cfg.BACKBONE]
-        run_s = (cfg.NUM_EPOCH * (train_pairs // cfg.BATCH_SIZE) * f['step_s']
-                 + evaluations(cfg) * eval_images / f['eval_images_per_s'])
+        cost = dict(step_s=f['step_s'], encode_s=1 / f['eval_images_per_s'],
+                    img_params=0, txt_params=0, trained_params=0)
+        run_s = reproduce.run_cost(cfg, cost, reproduce.dataset_shape(cfg)[0])['seconds']
         entry = out.setdefault(cfg.DATASET, dict(runs=0, hours=0.0))
         entry['runs'] += 1
         entry['hours'] += run_s / 3600
     return dict(datasets=out, runs=sum(e['runs'] for e in out.values()),
                 hours=sum(e['hours'] for e in out.values()))
-
-
-def evaluations(cfg):
-    """Evaluations one run makes: every EVAL_INTERVAL epochs and after the last (train.py's
-    loop), and the untrained one with EVAL_UNTRAINED."""
-    return len({*range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL),
-                cfg.NUM_EPOCH}) + cfg.EVAL_UNTRAINED
 
 
 # ----- the report -----
