@@ -14,7 +14,8 @@ import types
 
 # ===== data =====
 DATASET = 'MIRFlickr'    # 'MIRFlickr' | 'NUSWIDE' | 'Wiki' | 'DEMO' (its preset applies first);
-                         # 'IAPR' | 'MSCOCO' on UCCH's feature files only (PUBLISHED='UCCH')
+                         # 'IAPR' | 'MSCOCO' on UCCH's feature files only (PUBLISHED='UCCH');
+                         # 'Custom': your own folder of image-text pairs (docs/custom.md)
 DATA_DIR = ''            # folder with the dataset's files; '' = the preset's default folder
 SPLIT_SEED = 0           # seeds the query/train/database split; separate from SEED
 IN_MEMORY = False        # hold the whole IAll in RAM as uint8 (MIRFlickr: ~3 GB); never NUS-WIDE
@@ -22,6 +23,11 @@ NUM_WORKERS = 2          # DataLoader worker processes (0 = load in the main pro
 RESIZE = 256             # images are resized to RESIZE (shorter side; the authors: 256)
 CROP = 224               # then cropped to CROP x CROP (the authors: 224; random in training)
 FULL = False             # python datasets.py: read every image, not only the first, middle and last
+# ----- your own pairs (DATASET='Custom', docs/custom.md) -----
+QUERY_SIZE = 0           # query pairs; 0 = 2,000, or 10% of the pairs when fewer than 20,000
+TRAIN_SIZE = 5000        # training pairs (the benchmarks' 5,000), or every non-query pair if fewer
+VOCAB_SIZE = 1386        # words kept, most frequent first (MIRFlickr's 1,386 tags: its preset's width)
+MIN_WORD_COUNT = 5       # a kept word is in at least this many training pairs
 # ----- the fixed-feature protocol (docs/features.md) -----
 IMAGE_FEATURES = ''      # an N x d file of image features, row i = pair i (extract.py writes one):
                          # the image side becomes an MLP on it; '' = the CNN on the images
@@ -99,6 +105,10 @@ PRESETS = {
     'IAPR': dict(DATA_DIR='data/iapr', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
                  NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
     'MSCOCO': dict(DATA_DIR='data/mscoco', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
+                   NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
+    # Your own pairs: no DJSRH preset exists for them, so they take MIRFlickr's values (the
+    # photo collection with free tags that is most like what users bring); printed when used.
+    'Custom': dict(DATA_DIR='data/custom', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
                    NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
 }
 # Datasets without a preset of the authors (printed when used) and the published feature
@@ -228,6 +238,10 @@ RANGES = {
     'EVAL_INTERVAL': (1, None, "an integer of at least 1"),
     'TOPK': (1, None, "an integer of at least 1"),
     'FEATURE_HIDDEN': (0, None, "an integer of at least 0"),
+    'QUERY_SIZE': (0, None, "an integer of at least 1 (0 = 2,000 or 10% of the pairs)"),
+    'TRAIN_SIZE': (1, None, "an integer of at least 1"),
+    'VOCAB_SIZE': (1, None, "an integer of at least 1"),
+    'MIN_WORD_COUNT': (1, None, "an integer of at least 1"),
 }
 
 
