@@ -27,6 +27,7 @@ import types
 
 import numpy as np
 
+import custom
 import datasets
 import matfile
 import settings
@@ -428,6 +429,8 @@ def vocabulary(run, opts):
     if cfg.DATASET == 'Wiki':
         raise UserError("TEXT: Wiki's texts are topic vectors, not words; query with "
                         "TEXT_OF=<pair> or IMAGE=<file>")
+    if cfg.DATASET == 'Custom' and not opts.VOCAB:
+        return custom_vocabulary(run)
     path = opts.VOCAB or os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side_file(cfg, 'tags'))
     if not os.path.isfile(path) and cfg.DATASET == 'DEMO' and not opts.VOCAB:
         return demo_vocabulary(), 'the DEMO vocabulary'
@@ -443,6 +446,15 @@ def vocabulary(run, opts):
         raise UserError(f"vocabulary {path}: {len(words)} words; expected {n_tags}, one per "
                         f"column of YAll")
     return words, path
+
+
+def custom_vocabulary(run):
+    """A Custom run's own vocabulary (RUN/vocabulary.json, written when it started)."""
+    if run.cfg.TEXT_FEATURES:
+        raise UserError(f"TEXT: the run trained on TEXT_FEATURES={run.cfg.TEXT_FEATURES!r}, "
+                        f"not on words; query with TEXT_OF=<pair> or IMAGE=<file>")
+    path = os.path.join(run.dir, custom.VOCABULARY_FILE)
+    return custom.read_vocabulary(run.dir)['words'], path
 
 
 def side_file(cfg, what):
@@ -465,6 +477,9 @@ def label_names(run, opts, n_labels):
         return list(datasets.WIKI_CATEGORIES)
     if cfg.DATASET == 'DEMO':
         return list(DEMO_LABEL_NAMES)
+    if cfg.DATASET == 'Custom':   # the manifest's names, saved with the run
+        names = custom.read_vocabulary(run.dir).get('label_names', [])
+        return names if len(names) == n_labels else [f"label{c}" for c in range(n_labels)]
     path = os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side_file(cfg, 'labels'))
     try:
         with open(path, encoding='utf-8') as f:
@@ -508,6 +523,8 @@ def make_query(run, opts):
 def text_words(run, opts):
     """(the known words of TEXT, the vocabulary); unknown words are named in a warning."""
     words = opts.TEXT.replace(',', ' ').lower().split()
+    if run.cfg.DATASET == 'Custom':   # a sentence is read as the training texts were
+        words = custom.tokens(opts.TEXT)
     vocab, source = vocabulary(run, opts)
     known = set(vocab)
     kept = [w for w in dict.fromkeys(words) if w in known]
@@ -525,7 +542,7 @@ def pair_query(run, opts, q, key):
     pair = getattr(opts, key)
     if not 0 <= pair < len(data.labels):
         raise UserError(f"{key}={pair}: expected a pair number from 0 to {len(data.labels) - 1}")
-    q.labels = data.labels[pair]
+    q.labels = data.labels[pair] if data.labels.shape[1] else None   # Custom: maybe none
     if key == 'TEXT_OF':
         q.code = encode_texts(run, data.texts[pair:pair + 1])
         q.words = text_of(run, opts, data.texts[pair])

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import custom
 import datasets
 import metric
 import models
@@ -676,6 +677,8 @@ class Run:
                    {**vars(cfg), 'commit': self.commit, 'versions': versions()})
         split = {k: getattr(data, k) for k in ('query', 'train', 'database')}
         atomic_write(os.path.join(self.dir, 'split.npz'), lambda f: np.savez(f, **split))
+        if getattr(data, 'vocabulary', None):   # Custom: search.py reads typed queries with it
+            write_json(os.path.join(self.dir, custom.VOCABULARY_FILE), data.vocabulary)
         if cfg.EVAL_UNTRAINED:
             self.evaluate_and_save()
         self.save_checkpoint()
@@ -762,7 +765,8 @@ def pair_results(final, evals):
     return out
 
 
-FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json')
+FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json',
+                       custom.VOCABULARY_FILE)
 
 
 def trim_metrics(path, progress):
