@@ -194,18 +194,18 @@ def vectorizer(vocabulary=None, min_count=1):
 
 
 def fit_vocabulary(texts, vocab_size, min_count):
-    """The words of the vocabulary, most frequent first (then alphabetical): the vocab_size
-    words found in the most of `texts`, among those in at least min_count of them. [] when
-    no word is frequent enough."""
+    """(words, counts): the vocab_size words found in the most of `texts`, among those in at
+    least min_count of them, most frequent first (then alphabetical), and the number of texts
+    each is in. ([], []) when no word is frequent enough."""
     counter = vectorizer(min_count=min_count)
     try:
-        counts = counter.fit_transform(texts)
+        vectors = counter.fit_transform(texts)
     except ValueError:   # every word is a stop word, or below min_count
-        return []
+        return [], []
     words = counter.get_feature_names_out()          # alphabetical
-    in_pairs = np.asarray(counts.sum(0)).ravel()     # binary: the number of texts
-    order = np.argsort(-in_pairs, kind='stable')     # alphabetical within a tie
-    return [str(words[j]) for j in order[:vocab_size]]
+    in_texts = np.asarray(vectors.sum(0)).ravel()    # binary: the number of texts
+    order = np.argsort(-in_texts, kind='stable')[:vocab_size]   # alphabetical within a tie
+    return [str(words[j]) for j in order], [int(in_texts[j]) for j in order]
 
 
 def text_vectors(texts, words):

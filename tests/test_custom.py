@@ -26,10 +26,10 @@ def ref_vocabulary(texts, vocab_size, min_count):
 def test_vocabulary_by_hand():
     texts = ['A red dog and a blue cat', 'the red car', 'Red, red, RED!', 'blue sky 42', 'x y']
     # red: 3 texts (once each), blue: 2, then 42, car, cat, dog, sky: 1 each (alphabetical)
-    assert custom.fit_vocabulary(texts, 4, 1) == ['red', 'blue', '42', 'car']
-    assert custom.fit_vocabulary(texts, 10, 2) == ['red', 'blue']
-    assert custom.fit_vocabulary(texts, 10, 4) == []
-    assert custom.fit_vocabulary(['the and of', 'a'], 10, 1) == []   # stop words only
+    assert custom.fit_vocabulary(texts, 4, 1) == (['red', 'blue', '42', 'car'], [3, 2, 1, 1])
+    assert custom.fit_vocabulary(texts, 10, 2) == (['red', 'blue'], [3, 2])
+    assert custom.fit_vocabulary(texts, 10, 4) == ([], [])
+    assert custom.fit_vocabulary(['the and of', 'a'], 10, 1) == ([], [])   # stop words only
     vectors = custom.text_vectors(texts, ['red', 'blue'])
     assert vectors.dtype == np.float32
     assert vectors.tolist() == [[1, 1], [1, 0], [1, 0], [0, 1], [0, 0]]
@@ -42,7 +42,7 @@ def test_vocabulary_matches_reference():
     texts = [' '.join(rng.choice(words, size=rng.integers(0, 12))) for _ in range(300)]
     for size, count in ((10, 1), (25, 5), (100, 30)):
         expected = ref_vocabulary(texts, size, count)
-        assert custom.fit_vocabulary(texts, size, count) == expected
+        assert custom.fit_vocabulary(texts, size, count)[0] == expected
         vectors = custom.text_vectors(texts, expected)
         for text, row in zip(texts[:50], vectors):
             present = set(text.lower().split())
