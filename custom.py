@@ -31,6 +31,7 @@ import os
 
 import numpy as np
 
+import pairs
 from settings import UserError
 
 VOCABULARY_FILE = 'vocabulary.json'   # in the run directory: search.py reads TEXT= with it
@@ -41,6 +42,75 @@ MANIFESTS = ('pairs.csv', 'pairs.jsonl')
 COLUMNS = ('image', 'text')           # required; 'labels' is optional
 LABEL_SEPARATOR = ';'                 # between label names in pairs.csv
 QUERY_DEFAULT, QUERY_SHARE, QUERY_SHARE_BELOW = 2000, 0.1, 20000   # QUERY_SIZE=0
+
+
+# ===== the reader =====
+def load(cfg, need_images=True):
+    """The Data of the Custom folder cfg.DATA_DIR, split with cfg.SPLIT_SEED, its texts turned
+    into vectors with a vocabulary of its training pairs (data.vocabulary, saved with the run).
+    need_images=False (stored features): the image files need not exist."""
+    data_dir = cfg.DATA_DIR
+    if not os.path.isdir(data_dir):
+        what = 'is a file' if os.path.exists(data_dir) else 'no such folder'
+        raise UserError(f"setting DATA_DIR={data_dir!r}: {what}; expected a folder holding "
+                        f"the images and {' or '.join(MANIFESTS)} (docs/custom.md)")
+    path = manifest_path(data_dir)
+    rows = read_manifest(path, need_images)
+    n = len(rows)
+    query, train, database = split(n, *split_sizes(n, cfg.QUERY_SIZE, cfg.TRAIN_SIZE, path),
+                                   cfg.SPLIT_SEED)
+    texts = [row.text for row in rows]
+    words, counts = fit_vocabulary([texts[i] for i in train], cfg.VOCAB_SIZE, cfg.MIN_WORD_COUNT)
+    if not words and not cfg.TEXT_FEATURES:
+        raise UserError(f"setting MIN_WORD_COUNT={cfg.MIN_WORD_COUNT}: no word (stop words "
+                        f"aside) is in that many of the {len(train)} training pairs of {path}; "
+                        f"expected a lower MIN_WORD_COUNT or more pairs")
+    vectors = text_vectors(texts, words) if words else np.zeros((n, 0), np.float32)
+    labels, names = label_matrix(rows)
+    images = ManifestImages([os.path.join(data_dir, os.path.normpath(row.image)) for row in rows],
+                            [f"{path}, line {row.line}" for row in rows])
+    labelled = int(labels.any(1).sum())
+    files = [(path, f"{n} pairs, {labelled} with labels ({len(names)} label names)"),
+             (data_dir, f"{n} image files" if need_images else "image files not read")]
+    data = pairs.Data('Custom', vectors, labels, images, query, train, database, files, [])
+    data.vocabulary = dict(words=words, counts=counts, label_names=names,
+                           training_pairs=len(train), VOCAB_SIZE=cfg.VOCAB_SIZE,
+                           MIN_WORD_COUNT=cfg.MIN_WORD_COUNT,
+                           stop_words='scikit-learn ENGLISH_STOP_WORDS',
+                           tokens='lower-cased runs of 2+ letters or digits')
+    data.notes.extend(notes(data, words))
+    return data
+
+
+def notes(data, words):
+    """What the check command and train.py say about a Custom folder."""
+    n = len(data.labels)
+    out = [f"vocabulary: {len(words)} words from the {len(data.train)} training pairs; "
+           f"{int((~data.texts.any(1)).sum())} of {n} pairs have none of them"]
+    if not data.labels.any():
+        out.append("no labels: evaluated by own-pair recall@K and median rank only (mAP "
+                   "needs labels)")
+    return out
+
+
+class ManifestImages(pairs.FileImages):
+    """FileImages whose errors also name the manifest line of the image."""
+
+    def __init__(self, paths, lines):
+        super().__init__(paths)
+        self.lines = list(lines)
+
+    def pil(self, i):
+        try:
+            return super().pil(i)
+        except UserError as err:
+            raise UserError(f"{self.lines[int(i)]}: {err}") from None
+
+    def __getitem__(self, i):
+        try:
+            return super().__getitem__(i)
+        except UserError as err:
+            raise UserError(f"{self.lines[int(i)]}: {err}") from None
 
 
 # ===== the manifest =====
@@ -63,9 +133,10 @@ def manifest_path(data_dir):
     return os.path.join(data_dir, found[0])
 
 
-def read_manifest(path):
-    """The rows of a manifest, checked: every image named once and present as a file, every
-    text non-empty. UserError naming the file and line otherwise."""
+def read_manifest(path, need_images=True):
+    """The rows of a manifest, checked: every image named once and present as a file (unless
+    need_images=False: training on stored features), every text non-empty. UserError
+    naming the file and line otherwise."""
     text = read_utf8(path)
     rows = read_csv(path, text) if path.endswith('.csv') else read_jsonl(path, text)
     if not rows:
@@ -83,7 +154,7 @@ def read_manifest(path):
             raise UserError(f"{where}: image {row.image} is already the image of line "
                             f"{seen[name]}; expected each image once")
         seen[name] = row.line
-        if not os.path.isfile(os.path.join(data_dir, name)):
+        if need_images and not os.path.isfile(os.path.join(data_dir, name)):
             raise UserError(f"{where}: missing image file {os.path.join(data_dir, name)}")
     return rows
 
