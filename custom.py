@@ -59,38 +59,39 @@ def load(cfg, need_images=True):
     n = len(rows)
     query, train, database = split(n, *split_sizes(n, cfg.QUERY_SIZE, cfg.TRAIN_SIZE, path),
                                    cfg.SPLIT_SEED)
-    texts = [row.text for row in rows]
-    words, counts = fit_vocabulary([texts[i] for i in train], cfg.VOCAB_SIZE, cfg.MIN_WORD_COUNT)
-    if not words and not cfg.TEXT_FEATURES:
-        raise UserError(f"setting MIN_WORD_COUNT={cfg.MIN_WORD_COUNT}: no word (stop words "
-                        f"aside) is in that many of the {len(train)} training pairs of {path}; "
-                        f"expected a lower MIN_WORD_COUNT or more pairs")
-    vectors = text_vectors(texts, words) if words else np.zeros((n, 0), np.float32)
     labels, names = label_matrix(rows)
     images = ManifestImages([os.path.join(data_dir, os.path.normpath(row.image)) for row in rows],
                             [f"{path}, line {row.line}" for row in rows])
     labelled = int(labels.any(1).sum())
     files = [(path, f"{n} pairs, {labelled} with labels ({len(names)} label names)"),
              (data_dir, f"{n} image files" if need_images else "image files not read")]
-    data = pairs.Data('Custom', vectors, labels, images, query, train, database, files, [])
-    data.vocabulary = dict(words=words, counts=counts, label_names=names,
-                           training_pairs=len(train), VOCAB_SIZE=cfg.VOCAB_SIZE,
-                           MIN_WORD_COUNT=cfg.MIN_WORD_COUNT,
-                           stop_words='scikit-learn ENGLISH_STOP_WORDS',
-                           tokens='lower-cased runs of 2+ letters or digits')
-    data.notes.extend(notes(data, words))
+    data = pairs.Data('Custom', np.zeros((n, 0), np.float32), labels, images, query, train,
+                      database, files, [])
+    if not cfg.TEXT_FEATURES:   # else the stored vectors replace the words (datasets.load)
+        vectorize(data, [row.text for row in rows], cfg, path)
+        data.vocabulary['label_names'] = names
+    if not labels.any():
+        data.notes.append("no labels: evaluated by own-pair recall@K and median rank only "
+                          "(mAP needs labels)")
     return data
 
 
-def notes(data, words):
-    """What the check command and train.py say about a Custom folder."""
-    n = len(data.labels)
-    out = [f"vocabulary: {len(words)} words from the {len(data.train)} training pairs; "
-           f"{int((~data.texts.any(1)).sum())} of {n} pairs have none of them"]
-    if not data.labels.any():
-        out.append("no labels: evaluated by own-pair recall@K and median rank only (mAP "
-                   "needs labels)")
-    return out
+def vectorize(data, texts, cfg, path):
+    """data.texts from the vocabulary of the training pairs' texts; data.vocabulary."""
+    words, counts = fit_vocabulary([texts[i] for i in data.train], cfg.VOCAB_SIZE,
+                                   cfg.MIN_WORD_COUNT)
+    if not words:
+        raise UserError(f"setting MIN_WORD_COUNT={cfg.MIN_WORD_COUNT}: no word (stop words "
+                        f"aside) is in that many of the {len(data.train)} training pairs of "
+                        f"{path}; expected a lower MIN_WORD_COUNT or more pairs")
+    data.texts = text_vectors(texts, words)
+    data.vocabulary = dict(words=words, counts=counts, training_pairs=len(data.train),
+                           VOCAB_SIZE=cfg.VOCAB_SIZE, MIN_WORD_COUNT=cfg.MIN_WORD_COUNT,
+                           stop_words='scikit-learn ENGLISH_STOP_WORDS',
+                           tokens='lower-cased runs of 2+ letters or digits')
+    wordless = int((~data.texts.any(1)).sum())
+    data.notes.append(f"vocabulary: {len(words)} words from the {len(data.train)} training "
+                      f"pairs; {wordless} of {len(texts)} pairs have none of them")
 
 
 class ManifestImages(pairs.FileImages):

@@ -545,7 +545,7 @@ def pair_query(run, opts, q, key):
     pair = getattr(opts, key)
     if not 0 <= pair < len(data.labels):
         raise UserError(f"{key}={pair}: expected a pair number from 0 to {len(data.labels) - 1}")
-    q.labels = data.labels[pair] if data.labels.shape[1] else None   # Custom: maybe none
+    q.labels = data.labels[pair] if data.labels[pair].any() else None   # Custom: unknown
     if key == 'TEXT_OF':
         q.code = encode_texts(run, data.texts[pair:pair + 1])
         q.words = text_of(run, opts, data.texts[pair])

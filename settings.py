@@ -113,7 +113,8 @@ PRESETS = {
 }
 # Datasets without a preset of the authors (printed when used) and the published feature
 # layouts that hold each dataset.
-BORROWED_PRESETS = {'IAPR': 'MIRFlickr', 'MSCOCO': 'MIRFlickr'}
+BORROWED_PRESETS = {'IAPR': 'MIRFlickr', 'MSCOCO': 'MIRFlickr', 'Custom': 'MIRFlickr'}
+PUBLISHED_ONLY = ('IAPR', 'MSCOCO')   # datasets that exist here only as published features
 PUBLISHED_LAYOUTS = {'UCCH': ('MIRFlickr', 'NUSWIDE', 'IAPR', 'MSCOCO'),
                      'DGCPN': ('MIRFlickr', 'NUSWIDE')}
 
@@ -146,7 +147,7 @@ SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
 # Upper-case names of this module that are not settings.
 NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
                           'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
-                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS'})
+                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'PUBLISHED_ONLY'})
 
 
 class UserError(Exception):
@@ -283,7 +284,7 @@ def validate_features(cfg, need):
          f"{', '.join(layouts)})")
     need(not (cfg['PUBLISHED'] and cfg['IMAGE_FEATURES']), 'IMAGE_FEATURES',
          f"'' with PUBLISHED={cfg['PUBLISHED']!r} (the image features come from its files)")
-    need(cfg['DATASET'] not in BORROWED_PRESETS or cfg['PUBLISHED'], 'PUBLISHED',
+    need(cfg['DATASET'] not in PUBLISHED_ONLY or cfg['PUBLISHED'], 'PUBLISHED',
          f"'UCCH' for DATASET={cfg['DATASET']!r} (it exists here only as UCCH's feature files)")
 
 

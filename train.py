@@ -677,7 +677,7 @@ class Run:
                    {**vars(cfg), 'commit': self.commit, 'versions': versions()})
         split = {k: getattr(data, k) for k in ('query', 'train', 'database')}
         atomic_write(os.path.join(self.dir, 'split.npz'), lambda f: np.savez(f, **split))
-        if getattr(data, 'vocabulary', None):   # Custom: search.py reads typed queries with it
+        if data.vocabulary:   # Custom: search.py reads typed queries with it
             write_json(os.path.join(self.dir, custom.VOCABULARY_FILE), data.vocabulary)
         if cfg.EVAL_UNTRAINED:
             self.evaluate_and_save()

@@ -1,12 +1,20 @@
 """DATASET='Custom': the vocabulary (against a plain reference written here)."""
+import csv
 import json
+import os
 import re
 from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import custom
+import datasets
+import demo
+import metric
+import search
+import settings
 from settings import UserError
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -148,3 +156,204 @@ def test_split_sizes_and_draw():
     assert all(np.array_equal(a, b) for a, b in zip(custom.split(100, 10, 40, seed=3),
                                                      (query, train, database)))
     assert not np.array_equal(custom.split(100, 10, 40, seed=4)[0], query)
+
+
+# ===== a folder built from the DEMO generator's content =====
+FILLERS = ('a', 'the', 'with', 'and', 'of', 'on')   # stop words: the vocabulary drops them
+
+
+def make_folder(path, n, seed=0, manifest='csv'):
+    """n pairs: DEMO images as PNG files in subfolders, the DEMO tags as sentences padded with
+    stop words, the DEMO labels by colour name on every other pair."""
+    rng = np.random.default_rng(seed)
+    labels = demo.demo_labels(rng, n)
+    tags = demo.demo_texts(rng, labels)
+    images = demo.demo_images(rng, labels)
+    words = search.demo_vocabulary()
+    rows = []
+    for i in range(n):
+        name = f"photos/{i % 5}/{i:04d}.png"
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(path / name)
+        sentence = []
+        for j in rng.permutation(np.flatnonzero(tags[i])):
+            sentence += [str(rng.choice(FILLERS)), words[j]]
+        names = [search.DEMO_LABEL_NAMES[k] for k in np.flatnonzero(labels[i])] if i % 2 else []
+        rows.append(dict(image=name, text=' '.join(sentence).capitalize() + '.', labels=names))
+    if manifest == 'csv':
+        with open(path / 'pairs.csv', 'w', newline='', encoding='utf-8') as f:
+            writer = csv.writer(f)
+            writer.writerow(['image', 'text', 'labels'])
+            writer.writerows([r['image'], r['text'], ';'.join(r['labels'])] for r in rows)
+    else:
+        (path / 'pairs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return tags, labels
+
+
+def cfg_for(path, **overrides):
+    return settings.resolve(DATASET='Custom', DATA_DIR=str(path), **overrides)
+
+
+def test_reader_vectors_split_and_labels(tmp_path):
+    tags, labels = make_folder(tmp_path, 120)
+    cfg = cfg_for(tmp_path, MIN_WORD_COUNT=2, VOCAB_SIZE=1000)
+    data = datasets.load(cfg, verbose=False)
+    assert (len(data.query), len(data.train), len(data.database)) == (12, 108, 108)
+    words = data.vocabulary['words']
+    # every DEMO tag in at least 2 training pairs, and nothing else, is in the vocabulary
+    in_train = tags[data.train].sum(0)
+    demo_words = search.demo_vocabulary()
+    assert sorted(words) == sorted(demo_words[j] for j in np.flatnonzero(in_train >= 2))
+    columns = [demo_words.index(w) for w in words]
+    assert np.array_equal(data.texts, tags[:, columns].astype(np.float32))
+    assert data.vocabulary['counts'] == [int(in_train[j]) for j in columns]
+    # labels on every other pair, by colour name (sorted)
+    names = data.vocabulary['label_names']
+    order = [search.DEMO_LABEL_NAMES.index(name) for name in names]
+    expected = labels[:, order].copy()
+    expected[::2] = 0
+    assert np.array_equal(data.labels, expected)
+    # the image of pair i is the PNG of pair i, unchanged
+    image = np.asarray(Image.open(tmp_path / 'photos' / '3' / '0008.png'))
+    assert np.array_equal(data.images[8], image)
+
+
+def test_check_command_and_bad_image(tmp_path, capsys):
+    make_folder(tmp_path, 60, manifest='jsonl')
+    args = ['DATASET=Custom', f'DATA_DIR={str(tmp_path)!r}', 'MIN_WORD_COUNT=2', 'FULL=True']
+    assert datasets.main(args) == 0
+    out = capsys.readouterr().out
+    assert 'pairs 60' in out and 'vocabulary: ' in out and 'read all 60 images' in out
+    (tmp_path / 'photos' / '2' / '0007.png').write_bytes(b'not a picture')
+    with pytest.raises(UserError) as err:
+        datasets.main(args)
+    assert 'pairs.jsonl, line 8' in str(err.value) and '0007.png' in str(err.value)
+
+
+# ===== training and search on a Custom folder =====
+# The DEMO preset's small network (random AlexNet on 64 x 64 crops), on a Custom folder.
+SMALL = dict(BACKBONE='alexnet', PRETRAINED=False, RESIZE=72, CROP=64, BETA=0.5, CODE_LEN=32,
+             NUM_WORKERS=0, EVAL_BATCH_SIZE=128, DEVICE='cpu', EVAL_UNTRAINED=True,
+             MIN_WORD_COUNT=2)
+
+
+def stamps(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*')}
+
+
+@pytest.fixture(scope='module')
+def custom_run(tmp_path_factory):
+    """A 160-pair folder (half labelled) trained 1 epoch on its images, then indexed."""
+    import train
+    base = tmp_path_factory.mktemp('custom')
+    make_folder(base / 'pairs', 160)
+    before = stamps(base / 'pairs')
+    cfg = cfg_for(base / 'pairs', OUT_DIR=str(base / 'runs'), RUN_NAME='r', NUM_EPOCH=1,
+                  BATCH_SIZE=16, **SMALL)
+    run = train.Run(cfg)
+    run.train_to_end()
+    search.main(['index', f'RUN={run.dir}'])
+    assert stamps(base / 'pairs') == before   # nothing in the folder was written
+    return run.dir
+
+
+def test_results_of_a_half_labelled_folder(custom_run):
+    results = json.loads(open(os.path.join(custom_run, 'results.json')).read())
+    with np.load(os.path.join(custom_run, results['codes'])) as z:
+        codes = {k: z[k] for k in z.files}
+    pairs = metric.pair_retrieval(codes['query_img'], codes['query_txt'])
+    assert {k: results[k] for k in pairs} == pairs
+    assert set(results['untrained_recall_i2t']) == {'1', '5', '10'}
+    # half the pairs have labels: mAP over the labelled queries, against metric.py
+    labelled = codes['query_labels'].any(1)
+    assert 0 < labelled.sum() < len(labelled)
+    assert results['map_i2t'] == metric.calculate_top_map(
+        codes['query_img'][labelled], codes['db_txt'], codes['query_labels'][labelled],
+        codes['db_labels'], 50)
+    assert results['map_all_t2i'] == metric.calculate_map(
+        codes['query_txt'][labelled], codes['db_img'], codes['query_labels'][labelled],
+        codes['db_labels'])
+    vocabulary = custom.read_vocabulary(custom_run)
+    assert len(vocabulary['words']) > 100
+    assert vocabulary['label_names'] == sorted(search.DEMO_LABEL_NAMES)
+
+
+def run_query(run_dir, *args):
+    return search.cmd_query(search.parse(['query', f'RUN={run_dir}', *args])[1])
+
+
+def test_text_query_reads_a_sentence_with_the_run_vocabulary(custom_run, capsys):
+    words = custom.read_vocabulary(custom_run)['words']
+    hits = run_query(custom_run, f'TEXT=The {words[0]} and {words[5].upper()}, zzzz!', 'K=5')
+    err = capsys.readouterr().err
+    assert 'ignored: zzzz' in err            # stop words drop silently, unknown words not
+    run = search.open_run(custom_run)
+    vector = np.zeros((1, len(words)), np.float32)
+    vector[0, [0, 5]] = 1
+    code = search.encode_texts(run, vector)
+    database = np.load(os.path.join(custom_run, 'split.npz'))['database']
+    with np.load(os.path.join(custom_run, 'codes', 'epoch_001.npz')) as z:
+        dist = (z['db_img'] != code).sum(1)
+    ranked = sorted(range(len(database)), key=lambda j: (dist[j], j))[:5]
+    assert [h.item for h in hits.rows] == list(database[ranked])
+
+
+def test_image_and_pair_queries(custom_run, tmp_path, capsys):
+    data = search.run_data(search.open_run(custom_run))
+    pair = int(data.database[4])
+    path = tmp_path / 'new.png'
+    data.images.pil(pair).save(path)
+    hits = run_query(custom_run, f'IMAGE={path}', f'K={len(data.database)}', 'TARGET=image')
+    assert {h.item: h.distance for h in hits.rows}[pair] == 0   # its own image
+    capsys.readouterr()
+    grid = tmp_path / 'grid.png'
+    hits = run_query(custom_run, f'TEXT_OF={pair}', 'K=5', '--grid', str(grid))
+    out = capsys.readouterr().out
+    assert grid.stat().st_size > 1000 and len(hits.rows) == 5
+    assert ('query labels' in out) == bool(data.labels[pair].any())
+    hits = run_query(custom_run, f'IMAGE_OF={pair}', 'K=3')
+    assert all(h.words for h in hits.rows)   # texts shown by their vocabulary words
+
+
+@pytest.fixture(scope='module')
+def feature_runs(tmp_path_factory):
+    """A 400-pair folder without labels: extract.py's random-AlexNet features, then a run on
+    them, 8 epochs (on features: seconds)."""
+    import extract
+    import train
+    base = tmp_path_factory.mktemp('custom_features')
+    make_folder(base / 'pairs', 400, seed=1)
+    csv_path = base / 'pairs' / 'pairs.csv'
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text('\n'.join(line.rpartition(',')[0] for line in rows) + '\n')   # no labels
+    settings_ = dict(SMALL, QUERY_SIZE=100, NUM_EPOCH=8, EVAL_INTERVAL=8)
+    path = extract.extract(cfg_for(base / 'pairs', **settings_))
+    cfg = cfg_for(base / 'pairs', OUT_DIR=str(base / 'runs'), RUN_NAME='f',
+                  IMAGE_FEATURES=path, **settings_)
+    run = train.Run(cfg)
+    run.train_to_end()
+    return run.dir
+
+
+def test_training_without_labels_raises_own_pair_recall(feature_runs):
+    results = json.loads(open(os.path.join(feature_runs, 'results.json')).read())
+    assert all(results[key] is None for key in ('map_i2t', 'map_t2i', 'map_all_i2t',
+                                                'map_all_t2i'))
+    for way in ('i2t', 't2i'):   # chance: 10 of 100 queries
+        assert results[f'recall_{way}']['10'] > results[f'untrained_recall_{way}']['10'] + 0.1
+        assert results[f'median_rank_{way}'] < results[f'untrained_median_rank_{way}']
+
+
+@pytest.mark.slow
+def test_training_on_images_raises_own_pair_recall(tmp_path):
+    """The whole method on images (random AlexNet, as the DEMO preset): 600 pairs, half
+    labelled, 6 epochs."""
+    import train
+    make_folder(tmp_path / 'pairs', 600)
+    cfg = cfg_for(tmp_path / 'pairs', OUT_DIR=str(tmp_path / 'runs'), RUN_NAME='r',
+                  QUERY_SIZE=100, NUM_EPOCH=6, EVAL_INTERVAL=6, **SMALL)
+    train.Run(cfg).train_to_end()
+    results = json.loads((tmp_path / 'runs' / 'r' / 'results.json').read_text())
+    for way in ('i2t', 't2i'):
+        assert results[f'recall_{way}']['10'] > results[f'untrained_recall_{way}']['10'] + 0.1
+    assert results['map_i2t'] > results['untrained_map_i2t']
