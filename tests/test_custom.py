@@ -357,3 +357,16 @@ def test_training_on_images_raises_own_pair_recall(tmp_path):
     for way in ('i2t', 't2i'):
         assert results[f'recall_{way}']['10'] > results[f'untrained_recall_{way}']['10'] + 0.1
     assert results['map_i2t'] > results['untrained_map_i2t']
+
+
+def test_text_features_replace_the_words(tmp_path):
+    make_folder(tmp_path / 'pairs', 50)
+    vectors = np.random.default_rng(0).random((50, 7)).astype(np.float32)
+    np.save(tmp_path / 'sentences.npy', vectors)
+    cfg = cfg_for(tmp_path / 'pairs', TEXT_FEATURES=str(tmp_path / 'sentences.npy'),
+                  BATCH_SIZE=16)
+    data = datasets.load(cfg, verbose=False)
+    assert np.array_equal(data.texts, vectors) and data.vocabulary is None
+    with pytest.raises(UserError, match='MIN_WORD_COUNT=99'):
+        datasets.load(cfg_for(tmp_path / 'pairs', MIN_WORD_COUNT=99, BATCH_SIZE=16),
+                      verbose=False)
