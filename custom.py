@@ -67,8 +67,10 @@ def load(cfg, need_images=True):
              (data_dir, f"{n} image files" if need_images else "image files not read")]
     data = pairs.Data('Custom', np.zeros((n, 0), np.float32), labels, images, query, train,
                       database, files, [])
-    if not cfg.TEXT_FEATURES:   # else the stored vectors replace the words (datasets.load)
-        vectorize(data, [row.text for row in rows], cfg, path)
+    # With TEXT_FEATURES the stored vectors replace these (datasets.load); the words still
+    # name what a search hit's text says.
+    vectorize(data, [row.text for row in rows], cfg, path)
+    if data.vocabulary:
         data.vocabulary['label_names'] = names
     if not labels.any():
         data.notes.append("no labels: evaluated by own-pair recall@K and median rank only "
@@ -80,6 +82,8 @@ def vectorize(data, texts, cfg, path):
     """data.texts from the vocabulary of the training pairs' texts; data.vocabulary."""
     words, counts = fit_vocabulary([texts[i] for i in data.train], cfg.VOCAB_SIZE,
                                    cfg.MIN_WORD_COUNT)
+    if not words and cfg.TEXT_FEATURES:
+        return
     if not words:
         raise UserError(f"setting MIN_WORD_COUNT={cfg.MIN_WORD_COUNT}: no word (stop words "
                         f"aside) is in that many of the {len(data.train)} training pairs of "

@@ -366,7 +366,7 @@ def test_text_features_replace_the_words(tmp_path):
     cfg = cfg_for(tmp_path / 'pairs', TEXT_FEATURES=str(tmp_path / 'sentences.npy'),
                   BATCH_SIZE=16)
     data = datasets.load(cfg, verbose=False)
-    assert np.array_equal(data.texts, vectors) and data.vocabulary is None
+    assert np.array_equal(data.texts, vectors) and data.vocabulary['words']
     with pytest.raises(UserError, match='MIN_WORD_COUNT=99'):
         datasets.load(cfg_for(tmp_path / 'pairs', MIN_WORD_COUNT=99, BATCH_SIZE=16),
                       verbose=False)
