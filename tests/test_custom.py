@@ -344,21 +344,6 @@ def test_training_without_labels_raises_own_pair_recall(feature_runs):
         assert results[f'median_rank_{way}'] < results[f'untrained_median_rank_{way}']
 
 
-@pytest.mark.slow
-def test_training_on_images_raises_own_pair_recall(tmp_path):
-    """The whole method on images (random AlexNet, as the DEMO preset): 600 pairs, half
-    labelled, 6 epochs."""
-    import train
-    make_folder(tmp_path / 'pairs', 600)
-    cfg = cfg_for(tmp_path / 'pairs', OUT_DIR=str(tmp_path / 'runs'), RUN_NAME='r',
-                  QUERY_SIZE=100, NUM_EPOCH=6, EVAL_INTERVAL=6, **SMALL)
-    train.Run(cfg).train_to_end()
-    results = json.loads((tmp_path / 'runs' / 'r' / 'results.json').read_text())
-    for way in ('i2t', 't2i'):
-        assert results[f'recall_{way}']['10'] > results[f'untrained_recall_{way}']['10'] + 0.1
-    assert results['map_i2t'] > results['untrained_map_i2t']
-
-
 def test_text_features_replace_the_words(tmp_path):
     make_folder(tmp_path / 'pairs', 50)
     vectors = np.random.default_rng(0).random((50, 7)).astype(np.float32)
