@@ -36,8 +36,6 @@ from settings import UserError
 
 VOCABULARY_FILE = 'vocabulary.json'   # in the run directory: search.py reads TEXT= with it
 STOP_WORDS = 'english'                # scikit-learn's built-in list (ENGLISH_STOP_WORDS)
-
-
 MANIFESTS = ('pairs.csv', 'pairs.jsonl')
 COLUMNS = ('image', 'text')           # required; 'labels' is optional
 LABEL_SEPARATOR = ';'                 # between label names in pairs.csv
