@@ -243,13 +243,13 @@ def stamps(folder):
 
 @pytest.fixture(scope='module')
 def custom_run(tmp_path_factory):
-    """A 160-pair folder (half labelled) trained 1 epoch on its images, then indexed."""
+    """A 120-pair folder (half labelled) trained 1 epoch on its images, then indexed."""
     import train
     base = tmp_path_factory.mktemp('custom')
-    make_folder(base / 'pairs', 160)
+    make_folder(base / 'pairs', 120)
     before = stamps(base / 'pairs')
     cfg = cfg_for(base / 'pairs', OUT_DIR=str(base / 'runs'), RUN_NAME='r', NUM_EPOCH=1,
-                  BATCH_SIZE=16, **SMALL)
+                  BATCH_SIZE=16, **dict(SMALL, EVAL_UNTRAINED=False))
     run = train.Run(cfg)
     run.train_to_end()
     search.main(['index', f'RUN={run.dir}'])
@@ -263,7 +263,6 @@ def test_results_of_a_half_labelled_folder(custom_run):
         codes = {k: z[k] for k in z.files}
     pairs = metric.pair_retrieval(codes['query_img'], codes['query_txt'])
     assert {k: results[k] for k in pairs} == pairs
-    assert set(results['untrained_recall_i2t']) == {'1', '5', '10'}
     # half the pairs have labels: mAP over the labelled queries, against metric.py
     labelled = codes['query_labels'].any(1)
     assert 0 < labelled.sum() < len(labelled)
