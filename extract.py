@@ -31,7 +31,7 @@ import train
 from settings import UserError
 
 PREFIXES = {'MIRFlickr': 'mirflickr25k', 'NUSWIDE': 'nus-wide-tc10', 'Wiki': 'wiki',
-            'DEMO': 'demo'}
+            'DEMO': 'demo', 'Custom': 'custom'}
 LAYER = 'fc7'
 DIM = 4096
 

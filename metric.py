@@ -1,5 +1,5 @@
-"""Retrieval metrics for binary codes: mAP@K (the paper's number), full mAP, precision@top-R
-and the Hamming-radius precision-recall curve.
+"""Retrieval metrics for binary codes: mAP@K (the paper's number), full mAP, precision@top-R,
+the Hamming-radius precision-recall curve, and recall@K / median rank of each query's own pair.
 
 Definitions (the authors' evaluation code; docs/metrics.md):
 - Each query ranks the whole database by Hamming distance. Ties are broken by database index,
@@ -9,6 +9,10 @@ Definitions (the authors' evaluation code; docs/metrics.md):
   top K, AP@K = mean over j of j / r_j; a query with no relevant item in its top K has AP 0 and
   still counts in the mean over queries. (As in the authors' DCMH-style calc_map_k, the mean is
   over the relevant items found in the top K, not over all relevant items.)
+- Own-pair retrieval (no labels needed): query i's one relevant item is the other half of its
+  own pair, ranked among the query set's other modality (the Flickr30K / COCO test protocol);
+  recall@K is the share of queries whose pair lies in the top K, the median rank the median
+  of those 1-based positions.
 
 Inputs are NumPy arrays or torch tensors: codes in {-1, +1} of any numeric dtype (int8 too),
 labels 0/1 of any dtype. The work runs on the device of the first tensor argument (the CPU for
@@ -137,6 +141,45 @@ def pr_curve_hamming(qu_B, re_B, qu_L, re_L):
     precision = _mean_where(hits / retrieved.clamp(min=1), retrieved > 0)
     recall = _mean_where(hits / n_relevant.clamp(min=1), (n_relevant > 0).expand_as(hits))
     return precision.cpu().numpy(), recall.cpu().numpy()
+
+
+# ===== own-pair retrieval (no labels) =====
+RECALL_KS = (1, 5, 10)
+
+
+def pair_ranks(qu_B, re_B):
+    """1-based position of re_B[i] in the stable Hamming ranking of all of re_B for query
+    qu_B[i]: row i of both is one pair. Ties go by index, as in every ranking here, so the
+    position is 1 + (items nearer) + (items as near with a lower index). int64 NumPy array."""
+    if len(qu_B) != len(re_B):
+        raise ValueError(f"own-pair ranks need as many items as queries, got {len(re_B)} "
+                         f"and {len(qu_B)}")
+    no_labels = np.zeros((len(qu_B), 1), dtype=np.uint8)
+    data = _prepare(qu_B, re_B, no_labels, no_labels)
+    ranks = []
+    for lo, hi in _chunks(data, bytes_per_pair=8):
+        dist = _distances(data, lo, hi).to(torch.int32)
+        rows = torch.arange(hi - lo, device=dist.device)
+        own = dist[rows, rows + lo][:, None]
+        before = torch.arange(data.n_db, device=dist.device)[None] < (rows + lo)[:, None]
+        ahead = (dist < own) | ((dist == own) & before)
+        ranks.append(ahead.sum(1).cpu().numpy() + 1)
+    return np.concatenate(ranks).astype(np.int64)
+
+
+def recall_at(ranks, ks=RECALL_KS):
+    """{"K": share of ranks <= K} for each K (string keys, as results.json stores them)."""
+    ranks = np.asarray(ranks)
+    return {str(k): float(np.mean(ranks <= k)) for k in ks}
+
+
+def pair_retrieval(img_B, txt_B):
+    """Recall@1/5/10 and median rank both ways for row-aligned image and text codes of the
+    same pairs: each image ranks all the texts (I->T), each text all the images (T->I).
+    The median of an even count is the mean of the middle two (np.median)."""
+    i2t, t2i = pair_ranks(img_B, txt_B), pair_ranks(txt_B, img_B)
+    return {'recall_i2t': recall_at(i2t), 'recall_t2i': recall_at(t2i),
+            'median_rank_i2t': float(np.median(i2t)), 'median_rank_t2i': float(np.median(t2i))}
 
 
 # ===== inputs =====

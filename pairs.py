@@ -58,6 +58,7 @@ class Data:
     files: list              # (path, description) of every file read
     warnings: list           # legal but suspicious things about the data
     notes: list = dataclasses.field(default_factory=list)   # expected oddities, for information
+    vocabulary: dict = None  # Custom: the words of the text vectors (custom.py), saved with a run
 
 
 class H5Images:

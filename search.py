@@ -29,6 +29,7 @@ import zlib
 
 import numpy as np
 
+import custom
 import datasets
 import dcmh
 import demo
@@ -588,6 +589,8 @@ def vocabulary(run, opts, n_tags=None):
     if cfg.DATASET == 'Wiki':
         raise UserError("TEXT: Wiki's texts are topic vectors, not words; query with "
                         "TEXT_OF=<pair> or IMAGE=<file>")
+    if cfg.DATASET == 'Custom' and not opts.VOCAB:
+        return custom_vocabulary(run)
     side = side_file(cfg, 'tags')
     if not (opts.VOCAB or side):
         raise UserError(f"TEXT: no tag vocabulary is known for DATASET={cfg.DATASET!r}; "
@@ -604,6 +607,12 @@ def vocabulary(run, opts, n_tags=None):
         raise UserError(f"vocabulary {path}: {len(words)} words; expected {n_tags}, one per "
                         f"column of YAll")
     return words, path
+
+
+def custom_vocabulary(run):
+    """A Custom run's own vocabulary (RUN/vocabulary.json, written when it started)."""
+    path = os.path.join(run.dir, custom.VOCABULARY_FILE)
+    return custom.read_vocabulary(run.dir)['words'], path
 
 
 def read_vocabulary(path):
@@ -640,6 +649,9 @@ def label_names(run, opts, n_labels):
         return list(wiki.WIKI_CATEGORIES)
     if cfg.DATASET == 'DEMO':
         return list(DEMO_LABEL_NAMES)
+    if cfg.DATASET == 'Custom':   # the manifest's names, saved with the run
+        names = custom.read_vocabulary(run.dir).get('label_names', [])
+        return names if len(names) == n_labels else [f"label{c}" for c in range(n_labels)]
     side, names = side_file(cfg, 'labels'), []
     try:
         if side:
@@ -689,6 +701,8 @@ def text_words(run, opts):
                         f"{run.cfg.TEXT_FEATURES!r}, vectors that typed words cannot be turned "
                         f"into; query with TEXT_OF=<pair> or IMAGE_OF=<pair>")
     words = opts.TEXT.replace(',', ' ').lower().split()
+    if run.cfg.DATASET == 'Custom':   # a sentence is read as the training texts were
+        words = custom.tokens(opts.TEXT)
     vocab, source = vocabulary(run, opts)
     known = set(vocab)
     kept = [w for w in dict.fromkeys(words) if w in known]
@@ -706,7 +720,7 @@ def pair_query(run, opts, q, key):
     pair = getattr(opts, key)
     if not 0 <= pair < len(data.labels):
         raise UserError(f"{key}={pair}: expected a pair number from 0 to {len(data.labels) - 1}")
-    q.labels = data.labels[pair]
+    q.labels = data.labels[pair] if data.labels[pair].any() else None   # Custom: unknown
     if key == 'TEXT_OF':
         q.code = encode_texts(run, data.texts[pair:pair + 1])
         q.words = text_of(run, opts, data.tags[pair])

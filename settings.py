@@ -15,7 +15,8 @@ import types
 
 # ===== data =====
 DATASET = 'MIRFlickr'    # 'MIRFlickr' | 'NUSWIDE' | 'Wiki' | 'DEMO' (its preset applies first);
-                         # 'IAPR' | 'MSCOCO' on UCCH's feature files only (PUBLISHED='UCCH')
+                         # 'IAPR' | 'MSCOCO' on UCCH's feature files only (PUBLISHED='UCCH');
+                         # 'Custom': your own folder of image-text pairs (docs/custom.md)
 DATA_DIR = ''            # folder with the dataset's files; '' = the preset's default folder
 SPLIT_SEED = 0           # seeds the query/train/database split; separate from SEED
 IN_MEMORY = False        # hold the whole IAll in RAM as uint8 (MIRFlickr: ~3 GB); never NUS-WIDE
@@ -23,6 +24,11 @@ NUM_WORKERS = 2          # DataLoader worker processes (0 = load in the main pro
 RESIZE = 256             # images are resized to RESIZE (shorter side; the authors: 256)
 CROP = 224               # then cropped to CROP x CROP (the authors: 224; random in training)
 FULL = False             # python datasets.py: read every image, not only the first, middle and last
+# ----- your own pairs (DATASET='Custom', docs/custom.md) -----
+QUERY_SIZE = 0           # query pairs; 0 = 2,000, or 10% of the pairs when fewer than 20,000
+TRAIN_SIZE = 5000        # training pairs (the benchmarks' 5,000), or every non-query pair if fewer
+VOCAB_SIZE = 1386        # words kept, most frequent first (MIRFlickr's 1,386 tags: its preset's width)
+MIN_WORD_COUNT = 5       # a kept word is in at least this many training pairs
 # ----- the fixed-feature protocol (docs/features.md) -----
 IMAGE_FEATURES = ''      # an N x d file of image features, row i = pair i (extract.py writes one):
                          # the image side becomes an MLP on it; '' = the CNN on the images
@@ -101,10 +107,15 @@ PRESETS = {
                  NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
     'MSCOCO': dict(DATA_DIR='data/mscoco', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
                    NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
+    # Your own pairs: no DJSRH preset exists for them, so they take MIRFlickr's values (the
+    # photo collection with free tags that is most like what users bring); printed when used.
+    'Custom': dict(DATA_DIR='data/custom', BETA=0.9, LAMBDA1=0.1, LAMBDA2=0.1,
+                   NUM_EPOCH=80, LR_IMG=0.001, LR_TXT=0.01, EVAL_INTERVAL=40),
 }
 # Datasets without a preset of the authors (printed when used) and the published feature
 # layouts that hold each dataset.
-BORROWED_PRESETS = {'IAPR': 'MIRFlickr', 'MSCOCO': 'MIRFlickr'}
+BORROWED_PRESETS = {'IAPR': 'MIRFlickr', 'MSCOCO': 'MIRFlickr', 'Custom': 'MIRFlickr'}
+PUBLISHED_ONLY = ('IAPR', 'MSCOCO')   # datasets that exist here only as published features
 PUBLISHED_LAYOUTS = {'UCCH': ('MIRFlickr', 'NUSWIDE', 'IAPR', 'MSCOCO'),
                      'DGCPN': ('MIRFlickr', 'NUSWIDE')}
 
@@ -137,8 +148,8 @@ SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
 # Upper-case names of this module that are not settings.
 NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
                           'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
-                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'USAGE_WIDTH',
-                          'CONTINUATION_LINE'})
+                          'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'PUBLISHED_ONLY',
+                          'USAGE_WIDTH', 'CONTINUATION_LINE'})
 
 
 class UserError(Exception):
@@ -232,6 +243,10 @@ RANGES = {
     'EVAL_INTERVAL': (1, None, "an integer of at least 1"),
     'TOPK': (1, None, "an integer of at least 1"),
     'FEATURE_HIDDEN': (0, None, "an integer of at least 0"),
+    'QUERY_SIZE': (0, None, "an integer of at least 1 (0 = 2,000 or 10% of the pairs)"),
+    'TRAIN_SIZE': (1, None, "an integer of at least 1"),
+    'VOCAB_SIZE': (1, None, "an integer of at least 1"),
+    'MIN_WORD_COUNT': (1, None, "an integer of at least 1"),
 }
 
 
@@ -281,7 +296,7 @@ def validate_features(cfg, need):
          f"{', '.join(layouts)})")
     need(not (cfg['PUBLISHED'] and cfg['IMAGE_FEATURES']), 'IMAGE_FEATURES',
          f"'' with PUBLISHED={cfg['PUBLISHED']!r} (the image features come from its files)")
-    need(cfg['DATASET'] not in BORROWED_PRESETS or cfg['PUBLISHED'], 'PUBLISHED',
+    need(cfg['DATASET'] not in PUBLISHED_ONLY or cfg['PUBLISHED'], 'PUBLISHED',
          f"'UCCH' for DATASET={cfg['DATASET']!r} (it exists here only as UCCH's feature files)")
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import custom
 import datasets
 import metric
 import models
@@ -190,19 +191,16 @@ class Session:
         return torch.cat(img_codes), torch.cat(txt_codes), torch.cat(labels).to(self.device)
 
     def evaluate(self):
-        """mAP@TOPK both ways; returns (result dict, codes dict of NumPy arrays). Row i of
-        the query codes is pair query_index[i], row j of the database codes db_index[j]."""
+        """mAP@TOPK both ways and the own-pair recall; returns (result dict, codes dict of
+        NumPy arrays). Row i of the query codes is pair query_index[i], row j of the database
+        codes db_index[j]."""
         q_img, q_txt, q_lab = self.encode('query')
         r_img, r_txt, r_lab = self.encode('database')
-        topk = self.cfg.TOPK
-        result = {'map_i2t': metric.calculate_top_map(q_img, r_txt, q_lab, r_lab, topk),
-                  'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk),
-                  # full mAP: over the whole retrieval set (the feature protocol's number)
-                  'map_all_i2t': metric.calculate_map(q_img, r_txt, q_lab, r_lab),
-                  'map_all_t2i': metric.calculate_map(q_txt, r_img, q_lab, r_lab),
-                  # a collapse of the codes shows here before it shows in the mAP
-                  'distinct_img_codes': len(torch.unique(r_img, dim=0)),
-                  'distinct_txt_codes': len(torch.unique(r_txt, dim=0))}
+        result = label_maps(q_img, q_txt, q_lab, r_img, r_txt, r_lab, self.cfg.TOPK)
+        result.update(metric.pair_retrieval(q_img, q_txt))   # needs no labels
+        # a collapse of the codes shows here before it shows in the mAP
+        result.update(distinct_img_codes=len(torch.unique(r_img, dim=0)),
+                      distinct_txt_codes=len(torch.unique(r_txt, dim=0)))
         codes = dict(query_img=q_img, query_txt=q_txt, db_img=r_img, db_txt=r_txt,
                      query_labels=q_lab, db_labels=r_lab)
         codes = {k: v.cpu().numpy().astype(np.uint8 if 'labels' in k else np.int8)
@@ -272,6 +270,39 @@ class Session:
             self.set_rng_state(state['rng'], saved_gpu(state['settings']))
         for key, idx in split.items():
             setattr(self.data, key, idx)
+
+
+MAP_KEYS = ('map_i2t', 'map_t2i', 'map_all_i2t', 'map_all_t2i')
+PAIR_KEYS = ('recall_i2t', 'recall_t2i', 'median_rank_i2t', 'median_rank_t2i')
+
+
+def label_maps(q_img, q_txt, q_lab, r_img, r_txt, r_lab, topk):
+    """mAP@topk and full mAP (over the whole retrieval set: the feature protocol's number)
+    both ways, over the queries that have a label; each None when none has one (a Custom
+    folder without labels: docs/metrics.md). Every benchmark query has a label."""
+    labelled = (q_lab != 0).any(1)
+    if not bool(labelled.any()):
+        return dict.fromkeys(MAP_KEYS)
+    if not bool(labelled.all()):
+        q_img, q_txt, q_lab = q_img[labelled], q_txt[labelled], q_lab[labelled]
+    return {'map_i2t': metric.calculate_top_map(q_img, r_txt, q_lab, r_lab, topk),
+            'map_t2i': metric.calculate_top_map(q_txt, r_img, q_lab, r_lab, topk),
+            'map_all_i2t': metric.calculate_map(q_img, r_txt, q_lab, r_lab),
+            'map_all_t2i': metric.calculate_map(q_txt, r_img, q_lab, r_lab)}
+
+
+def eval_summary(result, topk):
+    """One line of an evaluation's figures: mAP where there are labels, the own-pair R@10."""
+    line = ''
+    if result.get('map_i2t') is not None:
+        line = f"mAP@{topk} I->T {result['map_i2t']:.4f}, T->I {result['map_t2i']:.4f}; "
+    if result.get('map_all_i2t') is not None:
+        line += (f"mAP@all I->T {result['map_all_i2t']:.4f}, "
+                 f"T->I {result['map_all_t2i']:.4f}; ")
+    if 'recall_i2t' in result:   # results.json of runs before the own-pair figures lack it
+        line += (f"R@10 I->T {result['recall_i2t']['10']:.4f}, "
+                 f"T->I {result['recall_t2i']['10']:.4f}; ")
+    return line or 'no figures; '
 
 
 # ===== checkpoints and files =====
@@ -643,11 +674,9 @@ class Run:
         atomic_write(os.path.join(self.dir, name), lambda f: np.savez_compressed(f, **codes))
         seconds = time.perf_counter() - start
         result = {'epoch': p.epoch, **result, 'eval_time_s': seconds, 'codes': name}
-        print(f"epoch {p.epoch}: mAP@{self.cfg.TOPK} I->T {result['map_i2t']:.4f}, "
-              f"T->I {result['map_t2i']:.4f}; mAP@all I->T {result['map_all_i2t']:.4f}, "
-              f"T->I {result['map_all_t2i']:.4f}; distinct database codes: image "
-              f"{result['distinct_img_codes']}, text {result['distinct_txt_codes']} "
-              f"({seconds:.1f} s)")
+        print(f"epoch {p.epoch}: {eval_summary(result, self.cfg.TOPK)}distinct database "
+              f"codes: image {result['distinct_img_codes']}, text "
+              f"{result['distinct_txt_codes']} ({seconds:.1f} s)")
         if not tag:
             p.eval_s += seconds
             p.evals.append(result)
@@ -716,6 +745,8 @@ class Run:
                    {**vars(cfg), 'commit': self.commit, 'versions': versions()})
         split = {k: getattr(data, k) for k in ('query', 'train', 'database')}
         atomic_write(os.path.join(self.dir, 'split.npz'), lambda f: np.savez(f, **split))
+        if data.vocabulary:   # Custom: search.py reads typed queries with it
+            write_json(os.path.join(self.dir, custom.VOCABULARY_FILE), data.vocabulary)
         if cfg.EVAL_UNTRAINED:
             self.evaluate_and_save()
         self.save_checkpoint()
@@ -737,11 +768,12 @@ class Run:
         return results if results['epoch'] >= cfg.NUM_EPOCH else None
 
     def report_finished(self, results):
-        untrained = (f" (untrained: I->T {results['untrained_map_i2t']:.4f}, T->I "
-                     f"{results['untrained_map_t2i']:.4f})"
-                     if 'untrained_map_i2t' in results else '')
-        print(f"finished already at epoch {results['epoch']}: mAP@{results.get('topk')} "
-              f"I->T {results['map_i2t']:.4f}, T->I {results['map_t2i']:.4f}{untrained}")
+        untrained = {k[len('untrained_'):]: v for k, v in results.items()
+                     if k.startswith('untrained_')}
+        untrained = (f" (untrained: {eval_summary(untrained, results.get('topk'))[:-2]})"
+                     if untrained else '')
+        print(f"finished already at epoch {results['epoch']}: "
+              f"{eval_summary(results, results.get('topk'))[:-2]}{untrained}")
         print(f"results: {self.results} (RESUME=False trains it again; a larger NUM_EPOCH "
               f"trains on if KEEP_OPTIMIZER=True kept the optimiser state)")
 
@@ -759,6 +791,7 @@ class Run:
                    cfg.PUBLISHED or cfg.IMAGE_FEATURES, 'text_features': cfg.TEXT_FEATURES,
                    'distinct_img_codes': final.get('distinct_img_codes'),
                    'distinct_txt_codes': final.get('distinct_txt_codes')}
+        results.update(pair_results(final, p.evals))
         untrained = [e for e in p.evals if e['epoch'] == 0]
         if untrained:
             results['untrained_map_i2t'] = untrained[0]['map_i2t']
@@ -769,7 +802,7 @@ class Run:
                    {'train_time_s': round(p.train_s, 1), 'eval_time_s': round(p.eval_s, 1),
                     'wall_time_s': round(p.train_s + p.eval_s, 1)})
         write_json(self.results, results)   # last: its presence marks the run finished
-        print(f"final mAP@{cfg.TOPK}: I->T {final['map_i2t']:.4f}, T->I {final['map_t2i']:.4f}")
+        print(f"final: {eval_summary(final, cfg.TOPK)[:-2]}")
         print(f"results: {self.results}")
 
     def eval_checkpoint(self):
@@ -788,11 +821,24 @@ class Run:
             print(f"evaluated {self.ckpt}; written {os.path.join(self.dir, 'eval.json')}")
 
 
+def pair_results(final, evals):
+    """The own-pair figures of results.json: the final evaluation's, and the untrained one's
+    (untrained_recall_i2t, ...) when there is one. Absent from evaluations made by a run
+    older than them (resumed), which then add nothing."""
+    out = {key: final[key] for key in PAIR_KEYS if key in final}
+    untrained = [e for e in evals if e['epoch'] == 0]
+    if untrained:
+        out.update({f"untrained_{key}": untrained[0][key] for key in PAIR_KEYS
+                    if key in untrained[0]})
+    return out
+
+
 # Steps between two reads of the losses on a GPU (on the CPU each step's is read at once):
 # a non-finite loss stops the run at most this many steps late, naming its own step.
 LOSS_READ_EVERY = 50
 
-FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json')
+FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json',
+                       custom.VOCABULARY_FILE)
 
 
 def trim_metrics(path, progress):

@@ -273,3 +273,60 @@ def test_bench_loop_and_eval_agree_with_reference():
     assert out['fast_map'] == pytest.approx(ref_map(*same, 10), abs=1e-12)
     assert out['loop_map'] == pytest.approx(ref_map(same[0][:10], same[1], same[2][:10],
                                                     same[3], 10), abs=1e-12)
+
+
+# ===== own-pair retrieval: recall@K and median rank =====
+def ref_pair_ranks(qu_B, re_B):
+    """Position (1-based) of item i in query i's reference ranking."""
+    return [ref_ranking(qu_B[i], re_B)[0].index(i) + 1 for i in range(len(qu_B))]
+
+
+def test_hand_example_pair_retrieval():
+    # 3 pairs, 2 bits. Image codes and text codes, row i = pair i.
+    img = np.array([[1, 1], [1, -1], [-1, -1]])
+    txt = np.array([[1, -1], [1, -1], [-1, -1]])
+    # I->T. image 0 = (1, 1): distances to texts 1, 1, 2 -> order 0, 1, 2 (tie by index),
+    #   its text 0 at rank 1. image 1 = (1, -1): distances 0, 0, 1 -> order 0, 1, 2; text 1
+    #   is behind text 0 (same distance, lower index): rank 2. image 2: distances 1, 1, 0 -> 1.
+    assert metric.pair_ranks(img, txt).tolist() == [1, 2, 1]
+    # T->I. text 0 = (1, -1): distances to images 1, 0, 1 -> order 1, 0, 2: image 0 at rank 2.
+    #   text 1: the same distances, image 1 at rank 1. text 2 = (-1, -1): 2, 1, 0 -> rank 1.
+    assert metric.pair_ranks(txt, img).tolist() == [2, 1, 1]
+    result = metric.pair_retrieval(img, txt)
+    assert result['recall_i2t'] == {'1': 2 / 3, '5': 1.0, '10': 1.0}
+    assert result['recall_t2i'] == {'1': 2 / 3, '5': 1.0, '10': 1.0}
+    assert result['median_rank_i2t'] == 1.0 and result['median_rank_t2i'] == 1.0
+
+
+@pytest.mark.parametrize('nbits, n', [(4, 60), (8, 200), (70, 50)])
+def test_pair_ranks_match_reference(nbits, n):
+    img, txt, _, _ = random_task(seed=nbits, n_query=n, n_db=n, nbits=nbits, n_labels=1)
+    expected = ref_pair_ranks(img, txt)
+    assert metric.pair_ranks(img, txt).tolist() == expected
+    assert metric.pair_ranks(torch.from_numpy(img), torch.from_numpy(txt)).tolist() == expected
+    result = metric.pair_retrieval(img, txt)
+    for k in (1, 5, 10):
+        assert result['recall_i2t'][str(k)] == pytest.approx(np.mean(np.array(expected) <= k))
+    assert result['median_rank_i2t'] == np.median(expected)
+    assert result['median_rank_t2i'] == np.median(ref_pair_ranks(txt, img))
+
+
+def test_pair_ranks_in_small_chunks(monkeypatch):
+    img, txt, _, _ = random_task(seed=11, n_query=90, n_db=90, nbits=6, n_labels=1)
+    expected = ref_pair_ranks(img, txt)
+    monkeypatch.setattr(metric, 'CHUNK_BYTES', 8 * 90 * 7)   # 7 queries a chunk
+    assert metric.pair_ranks(img, txt).tolist() == expected
+
+
+def test_identical_codes_give_pair_rank_by_index():
+    codes = np.ones((5, 8), dtype=np.int8)
+    assert metric.pair_ranks(codes, codes).tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match='as many items'):
+        metric.pair_ranks(codes, codes[:4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pair_ranks_cuda_matches_cpu():
+    img, txt, _, _ = random_task(seed=12, n_query=300, n_db=300, nbits=16, n_labels=1)
+    cuda = metric.pair_ranks(torch.from_numpy(img).cuda(), torch.from_numpy(txt).cuda())
+    assert cuda.tolist() == metric.pair_ranks(img, txt).tolist()

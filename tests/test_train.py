@@ -162,6 +162,12 @@ def test_run_directory_contents(tiny, reference):
     assert results['map_t2i'] == metric.calculate_top_map(
         got['query_txt'], got['db_img'], got['query_labels'], got['db_labels'], 50)
     assert 'untrained_map_i2t' in results and 'untrained_map_t2i' in results
+    # the own-pair figures: metric.py's on the saved query codes, untrained ones too
+    pairs = metric.pair_retrieval(got['query_img'], got['query_txt'])
+    assert {k: results[k] for k in pairs} == pairs
+    assert set(results['recall_i2t']) == {'1', '5', '10'}
+    assert set(results['untrained_recall_t2i']) == {'1', '5', '10'}
+    assert 'untrained_median_rank_i2t' in results
     # row i of the codes is pair query_index[i]: its labels are that pair's labels
     split = np.load(run_dir / 'split.npz')
     assert np.array_equal(got['query_index'], split['query'])
