@@ -27,6 +27,9 @@ MATLAB_CLASSES = {np.dtype(np.uint8): 'uint8', np.dtype(np.float64): 'double',
 # bug of ours and keeps its traceback.
 READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zlib.error,
                scipy.io.matlab.MatReadError)
+# scipy's v5 reader also raises TypeError on garbage after a valid header ("Expecting
+# miMATRIX type here") and IndexError on a file shorter than its header.
+MAT5_ERRORS = READ_ERRORS + (TypeError, IndexError)
 
 
 # ===== reading =====
@@ -93,7 +96,7 @@ def describe(path, key):
                             f"corrupt? ({one_line(err)})") from err
     try:
         found = scipy.io.whosmat(path)
-    except READ_ERRORS as err:
+    except MAT5_ERRORS as err:
         raise UserError(f"{path}: not a readable MATLAB file, truncated or corrupt? "
                         f"({one_line(err)})") from err
     for name, shape, mclass in found:
@@ -117,7 +120,7 @@ def read_var(var, dtype=None):
                                             shape=var.shape).toarray()
                 return np.asarray(a, dtype=dtype)
             return read_h5(obj, var.axes_reversed, dtype)
-    except READ_ERRORS as err:
+    except (MAT5_ERRORS if var.version == 'v5' else READ_ERRORS) as err:
         raise UserError(f"{var.name()}: cannot read the data, truncated or corrupt? "
                         f"({one_line(err)})") from err
 

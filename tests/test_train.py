@@ -3,7 +3,6 @@ after SIGKILL, Ctrl-C, a full disk, the lock, and the bad-input table. Runs go i
 (train.main) except where only a second process shows the point (SIGKILL, the command line).
 Interruptions are driven by events (a printed line, a step counter), never by a clock."""
 import errno
-import fcntl
 import gc
 import itertools
 import json
@@ -236,17 +235,88 @@ def test_finished_run_is_reported_not_redone(tiny, reference, capsys):
     one_line_error(err, 'no optimiser state', 'KEEP_OPTIMIZER')
 
 
+def test_outputs_without_a_checkpoint_are_refused(tiny, reference, tmp_path, capsys):
+    """A finished run whose checkpoint was deleted, run again for more epochs, and a folder
+    of the user's given as RUN_NAME: one line, nothing written. What a start killed before
+    its first checkpoint leaves is started over."""
+    base, args = tiny
+    runs = tmp_path / 'runs'
+    deleted = runs / 'deleted'
+    shutil.copytree(reference[0], deleted)
+    (deleted / 'checkpoint.pt').unlink()
+    mine = runs / 'mine'
+    (mine / 'codes').mkdir(parents=True)
+    (mine / 'codes' / 'epoch_001.npz').write_bytes(b'my codes')
+    (mine / 'metrics.jsonl').write_text('{"epoch": 1, "loss": 0.5}\n')
+    (mine / 'eval.json').write_text('{}')
+    def files(folder):   # the lock file apart: taking the lock writes the taker's id
+        return {p: stamp(p) for p in folder.rglob('*') if p.name != train.LOCK_NAME}
+    for folder, extra in ((deleted, ['NUM_EPOCH=3']), (mine, [])):
+        before = files(folder)
+        code, _, err = cli(args + extra + [f"OUT_DIR={str(runs)!r}", f"RUN_NAME={folder.name!r}"],
+                           capsys)
+        assert code == 2
+        one_line_error(err, str(folder), 'no checkpoint', 'RESUME=False')
+        assert files(folder) == before
+    assert not (mine / train.LOCK_NAME).exists()
+    killed = runs / 'killed_at_start'
+    (killed / 'codes').mkdir(parents=True)
+    for name in ('settings.json', 'split.npz', 'codes/epoch_000.npz'):
+        shutil.copy(reference[0] / name, killed / name)
+    untrained = (reference[0] / 'metrics.jsonl').read_text().splitlines()[0]
+    assert json.loads(untrained)['untrained']
+    (killed / 'metrics.jsonl').write_text(untrained + '\n')
+    run = train.Run(settings.resolve(args + [f"OUT_DIR={str(runs)!r}", "RUN_NAME='killed_at_start'"]))
+    run.refuse_outputs_without_checkpoint()   # ours, from before the first checkpoint
+    (killed / 'timing.json').write_text('{}')
+    with pytest.raises(settings.UserError, match='timing.json'):
+        run.refuse_outputs_without_checkpoint()
+
+
+def hold_lock(path, names_pid=None):
+    """A second process holding the run directory's lock as another train.py does (a POSIX
+    lock is per process: this one could always take its own again) until its stdin closes.
+    Its lock file names process `names_pid` (default: itself)."""
+    code = ("import fcntl, os, platform, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "pid = sys.argv[2] if len(sys.argv) > 2 else os.getpid()\n"
+            "os.ftruncate(fd, 0)\n"
+            "os.pwrite(fd, f'process {pid} on {platform.node()}'.encode(), 0)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    argv = [sys.executable, '-c', code, str(path)] + ([str(names_pid)] if names_pid else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == 'locked\n'
+    return proc
+
+
+def release(proc):
+    proc.stdin.close()
+    proc.wait()
+
+
 def test_run_directory_lock(tiny, reference, capsys):
     base, args = tiny
     run_dir, _ = reference
-    fd = os.open(run_dir / train.LOCK_NAME, os.O_RDWR)
+    holder = hold_lock(run_dir / train.LOCK_NAME)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # as a second train.py would
         code, _, err = cli(args + where(base, 'ref'), capsys)
         assert code == 2
-        one_line_error(err, 'in use by another train.py', str(run_dir))
+        one_line_error(err, 'in use by another train.py', str(run_dir), f'process {holder.pid}')
     finally:
-        os.close(fd)   # the OS releases the lock with the descriptor (or the process)
+        release(holder)   # the OS releases the lock with the process
+    # a lock file that names a process which has ended (the holder has not yet written
+    # its own id): said so, not "in use by process N"
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait()
+    holder = hold_lock(run_dir / train.LOCK_NAME, names_pid=ended.pid)
+    try:
+        code, _, err = cli(args + where(base, 'ref'), capsys)
+        assert code == 2
+        one_line_error(err, str(run_dir), f'process {ended.pid}, which has ended')
+    finally:
+        release(holder)
     code, out, _ = cli(args + where(base, 'ref'), capsys)
     assert code == 0 and 'finished already' in out
 
@@ -300,6 +370,49 @@ def test_sigkill_then_resume_gives_identical_results(tiny, reference):
     assert {'opt_img', 'opt_txt', 'rng'} <= set(state)   # KEEP_OPTIMIZER=True
 
 
+# train.py with a line printed after each batch: the event a kill in mid-epoch waits for.
+PRINTS_BATCHES = """
+import sys
+import settings, train
+real = train.Session.train_step
+def train_step(self, images, texts):
+    loss = real(self, images, texts)
+    print('trained a batch', flush=True)
+    return loss
+train.Session.train_step = train_step
+settings.run_cli(train.main, sys.argv[1:])
+"""
+
+
+def test_sigkill_mid_epoch_with_workers_then_immediate_resume(tiny):
+    """Killed in the middle of an epoch while its loader worker lives: started again at
+    once, the run takes the lock (the orphaned worker never held it), resumes, and ends
+    with the results of an uninterrupted run with the same worker count (one epoch: the
+    worker's random crops differ from those drawn in the main process)."""
+    base, args = tiny
+    args = args + ['NUM_WORKERS=1', 'EVAL_UNTRAINED=False', 'NUM_EPOCH=1']
+    train_here(args, base, 'workers_ref')
+    cmd = [sys.executable, '-c', PRINTS_BATCHES, *args, *where(base, 'workers_killed')]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, 'PYTHONPATH': ROOT})
+    seen, batches = [], 0
+    for line in proc.stdout:
+        seen.append(line)
+        batches += line.startswith('trained a batch')
+        if batches == 2:   # two of the epoch's three batches
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, ''.join(seen)
+    stdout = train_here(args, base, 'workers_killed')
+    assert 'resumed from' in stdout and 'at epoch 0, step 0' in stdout
+    run_dir = base / 'runs' / 'workers_killed'
+    same_codes_as_reference(base / 'runs' / 'workers_ref', run_dir)
+    assert ((run_dir / 'results.json').read_bytes()
+            == (base / 'runs' / 'workers_ref' / 'results.json').read_bytes())
+    assert metrics(run_dir) == ([1], [1])
+
+
 def interrupt_at_step(monkeypatch, step):
     """Ctrl-C (a real SIGINT to this process) right after the step-th batch trained here."""
     real = train.Session.train_step
@@ -313,14 +426,29 @@ def interrupt_at_step(monkeypatch, step):
     monkeypatch.setattr(train.Session, 'train_step', train_step)
 
 
+class FailingWriter:
+    """A file whose third write does `action` first: torch.save, writing through it, then
+    fails with a RuntimeError of its own ("unexpected pos")."""
+
+    def __init__(self, f, action):
+        self.f, self.action, self.writes = f, action, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            self.action()
+        return self.f.write(data)
+
+    def flush(self):
+        return self.f.flush()
+
+
 def fail_save(monkeypatch, call, action):
-    """Make the call-th torch.save of this run do `action` instead (or before) saving."""
+    """Make the call-th torch.save of this run do `action` in the middle of writing."""
     real, count = torch.save, itertools.count(1)
 
     def save(obj, f):
-        if next(count) == call:
-            action()
-        return real(obj, f)
+        return real(obj, FailingWriter(f, action) if next(count) == call else f)
     monkeypatch.setattr(torch, 'save', save)
 
 
@@ -369,6 +497,22 @@ def test_full_disk_then_ctrl_c_twice_then_resume_is_exact(tiny, reference, capsy
     assert code == 0 and 'resumed from' in out and 'epoch 0, step 2' in out
     same_codes_as_reference(reference[0], run_dir)
     assert metrics(run_dir) == ([1, 2], [0, 1, 2])
+
+
+def test_full_disk_at_the_first_checkpoint_leaves_no_run_folder(tiny, tmp_path, capsys):
+    base, args = tiny
+    argv = args + [f"OUT_DIR={str(tmp_path / 'runs')!r}", "RUN_NAME='full'"]
+    with pytest.MonkeyPatch.context() as mp:
+        fail_save(mp, 1, disk_full)
+        code, _, err = cli(argv, capsys)
+    assert code == 2
+    one_line_error(err, 'no space left', 'checkpoint.pt')
+    assert not (tmp_path / 'runs').exists()   # settings, split, untrained codes: all gone
+    (tmp_path / 'runs' / 'full').mkdir(parents=True)   # a folder that was there before stays
+    with pytest.MonkeyPatch.context() as mp:
+        fail_save(mp, 1, disk_full)
+        code, _, err = cli(argv, capsys)
+    assert code == 2 and list((tmp_path / 'runs' / 'full').iterdir()) == []
 
 
 def test_ctrl_c_while_loading_or_in_the_untrained_evaluation(tiny, monkeypatch, capsys):
@@ -467,10 +611,16 @@ def checkpoint_copy(reference, tmp_path, how):
     elif how == 'truncated':
         with open(reference[0] / 'checkpoint.pt', 'rb') as f:
             ckpt.write_bytes(f.read(100_000))
-    elif how == 'text_width':
+    elif how == 'text_width':   # written so, with its digest: another run's checkpoint
         state = torch.load(reference[0] / 'checkpoint.pt', weights_only=True)
         state['txt_net']['fc1.weight'] = state['txt_net']['fc1.weight'][:, :299].clone()
+        state[train.DIGEST_KEY] = train.checkpoint_digest(state)
         torch.save(state, ckpt)
+    elif how == 'changed_bytes':   # two bytes changed on disk inside a weight tensor
+        raw = bytearray((reference[0] / 'checkpoint.pt').read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        raw[len(raw) // 2 + 4096] ^= 0x01
+        ckpt.write_bytes(bytes(raw))
     return ckpt
 
 
@@ -535,6 +685,12 @@ BAD_INPUTS = {
     'ckpt_truncated': (OWN[:1] + ["RUN_NAME='copy'"], ['cannot be read', 'RESUME=False'],
                        'ckpt:truncated'),
     'ckpt_text_width': (OWN[:1] + ["RUN_NAME='copy'"], ['299-d', '300-d'], 'ckpt:text_width'),
+    'ckpt_changed_bytes': (OWN[:1] + ["RUN_NAME='copy'"], ['checkpoint.pt', 'digest'],
+                           'ckpt:changed_bytes'),
+    'eval_ckpt_truncated': (OWN[:1] + ["RUN_NAME='copy'", 'EVAL=True'], ['cannot be read'],
+                            'ckpt:truncated'),
+    'eval_ckpt_changed_bytes': (OWN[:1] + ["RUN_NAME='copy'", 'EVAL=True'], ['digest'],
+                                'ckpt:changed_bytes'),
 }
 
 
@@ -557,6 +713,7 @@ def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, monke
     run_dir = reference[0]
     extra, words, setup = BAD_INPUTS[case]
     extra = [a.replace('{tmp}', str(tmp_path)) for a in extra]
+    copy = tmp_path / 'runs' / 'copy'
     if isinstance(setup, str) and setup.startswith('ckpt:'):
         checkpoint_copy(reference, tmp_path, setup[5:])
     elif isinstance(setup, str):
@@ -565,12 +722,15 @@ def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, monke
         extra = extra + setup(tiny, reference, tmp_path, monkeypatch)
     before = {name: stamp(run_dir / name) for name in ('checkpoint.pt', 'results.json')}
     demo_before = {p.name: stamp(p) for p in (base / 'demo').iterdir()}
+    copy_before = {p.name: stamp(p) for p in copy.iterdir()} if copy.exists() else None
     code, _, err = cli(args + where(base, 'ref') + extra, capsys)
     assert code == 2
     one_line_error(err, *words)
     assert {name: stamp(run_dir / name) for name in before} == before
     assert {p.name: stamp(p) for p in (base / 'demo').iterdir()} == demo_before
     assert not (tmp_path / 'runs' / 'own').exists()   # a failed start leaves no folder
+    if copy_before is not None:   # nor a lock file in the folder it refused
+        assert {p.name: stamp(p) for p in copy.iterdir()} == copy_before
 
 
 def test_loader_worker_error_is_one_line(tiny, tmp_path, capsys):
