@@ -25,7 +25,7 @@ import metric
 import models
 import settings
 import train
-from conftest import config
+from conftest import config, hold_lock, release
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
@@ -273,29 +273,6 @@ def test_outputs_without_a_checkpoint_are_refused(tiny, reference, tmp_path, cap
     (killed / 'timing.json').write_text('{}')
     with pytest.raises(settings.UserError, match='timing.json'):
         run.refuse_outputs_without_checkpoint()
-
-
-def hold_lock(path, names_pid=None):
-    """A second process holding the run directory's lock as another train.py does (a POSIX
-    lock is per process: this one could always take its own again) until its stdin closes.
-    Its lock file names process `names_pid` (default: itself)."""
-    code = ("import fcntl, os, platform, sys\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-            "pid = sys.argv[2] if len(sys.argv) > 2 else os.getpid()\n"
-            "os.ftruncate(fd, 0)\n"
-            "os.pwrite(fd, f'process {pid} on {platform.node()}'.encode(), 0)\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.read()\n")
-    argv = [sys.executable, '-c', code, str(path)] + ([str(names_pid)] if names_pid else [])
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == 'locked\n'
-    return proc
-
-
-def release(proc):
-    proc.stdin.close()
-    proc.wait()
 
 
 def test_run_directory_lock(tiny, reference, capsys):
@@ -774,12 +751,27 @@ def test_demo_never_overwrites_other_files(tmp_path, capsys):
         demo.make_demo(str(real), n_pairs=40)   # prepare.py DATASET=DEMO's way in
     assert {p.name: p.read_bytes() for p in real.iterdir()} == before
 
+    # files of the user's named like the generator's temporaries: refused, untouched
+    tmps = tmp_path / 'tmps'
+    tmps.mkdir()
+    (tmps / 'mirflickr25k-iall.mat.tmp').write_bytes(b'mine')
+    with pytest.raises(settings.UserError, match='mirflickr25k-iall.mat.tmp'):
+        demo.make_demo(str(tmps), n_pairs=40)
+    assert [p.name for p in tmps.iterdir()] == ['mirflickr25k-iall.mat.tmp']
+    assert (tmps / 'mirflickr25k-iall.mat.tmp').read_bytes() == b'mine'
+
     folder = tmp_path / 'demo'
     demo.make_demo(str(folder), n_pairs=40)
     assert (folder / demo.DEMO_MARKER).exists()
     (folder / 'mirflickr25k-lall.mat').unlink()   # a previous DEMO, partly deleted
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait()   # what a generation killed mid-way leaves, and extract.py's features
+    (folder / f'mirflickr25k-yall.mat.tmp{ended.pid}').write_bytes(b'half a file')
+    (folder / 'demo-alexnet-random-fc7-64px.npy').write_bytes(b'features')
     data = datasets.load(config('DEMO', folder, BATCH_SIZE=4), verbose=False)
     assert len(data.labels) == demo.DEMO_PAIRS   # generated again, in full
+    assert not (folder / f'mirflickr25k-yall.mat.tmp{ended.pid}').exists()
+    assert (folder / 'demo-alexnet-random-fc7-64px.npy').read_bytes() == b'features'
     (folder / 'mirflickr25k-yall.mat').write_bytes(b'edited by hand')   # no longer ours
     (folder / 'mirflickr25k-iall.mat').unlink()
     with pytest.raises(settings.UserError, match='mirflickr25k-yall.mat'):
