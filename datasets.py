@@ -68,6 +68,13 @@ def load(cfg, generate=True, verbose=True, train=True):
 
 
 def need_folder(cfg):
+    try:
+        os.stat(cfg.DATA_DIR)
+    except PermissionError:   # a folder on its path may not be entered
+        raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: permission denied on a folder of "
+                        f"its path; expected the folder holding the {cfg.DATASET} files") from None
+    except OSError:
+        pass
     if not os.path.isdir(cfg.DATA_DIR):
         what = 'is a file' if os.path.exists(cfg.DATA_DIR) else 'no such folder'
         raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: {what}; expected the folder "
@@ -98,6 +105,14 @@ def check_sizes(data, cfg, train):
         if train:
             raise UserError(f"{problem}; use a smaller BATCH_SIZE or more data")
         data.warnings.append(problem)
+    labelled = data.labels.any(1)
+    for part in ('query', 'database'):
+        if not labelled[getattr(data, part)].any():
+            problem = (f"{where}: no {part} pair has a label, so no item can be relevant to "
+                       f"any query and every mAP is 0")
+            if train:
+                raise UserError(f"{problem}; check the labels")
+            data.warnings.append(problem)
 
 
 def expected_files(cfg):

@@ -112,6 +112,7 @@ def read_var(var, dtype=None):
         if var.version == 'v5':
             a = scipy.io.loadmat(var.path, variable_names=[var.key])[var.key]
             a = a.toarray() if scipy.sparse.issparse(a) else a
+            check_real(a.dtype, var)
             return np.asarray(a, dtype=dtype)
         with h5py.File(var.path, 'r') as f:
             obj = f[var.key]
@@ -119,10 +120,20 @@ def read_var(var, dtype=None):
                 a = scipy.sparse.csc_matrix((obj['data'][()], obj['ir'][()], obj['jc'][()]),
                                             shape=var.shape).toarray()
                 return np.asarray(a, dtype=dtype)
+            check_real(obj.dtype, var)
             return read_h5(obj, var.axes_reversed, dtype)
     except (MAT5_ERRORS if var.version == 'v5' else READ_ERRORS) as err:
         raise UserError(f"{var.name()}: cannot read the data, truncated or corrupt? "
                         f"({one_line(err)})") from err
+
+
+def check_real(dtype, var):
+    """Numbers only: a cast to float would drop a complex array's imaginary part with no
+    more than a warning, and fail on text, cells or structs with a traceback."""
+    if dtype.kind not in 'biuf':   # bool, signed, unsigned, float
+        what = 'complex' if dtype.kind == 'c' else f"non-numeric ({dtype})"
+        raise UserError(f"{var.name()}: holds {what} values; expected a real-valued numeric "
+                        f"array")
 
 
 def read_h5(ds, reverse, dtype):

@@ -120,7 +120,7 @@ class FileImages:
         except cv2.error as err:
             raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
         if bgr is None:
-            raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
+            raise UserError(f"{path}: {undecodable(path)}")
         # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
         # must not be started before the DataLoader forks its workers
         return np.ascontiguousarray(bgr[..., ::-1])
@@ -133,10 +133,35 @@ class FileImages:
         try:
             with Image.open(path) as img:
                 img.load()
+        except Image.DecompressionBombError as err:
+            raise UserError(f"{path}: {too_large(err)}") from err
         except IMAGE_ERRORS as err:
             raise UserError(f"{path}: not a readable image, truncated or corrupt? "
                             f"({matfile.one_line(err)})") from err
         return self.decode(i)
+
+
+CV_MAX_PIXELS = 1 << 30   # OpenCV's default limit (CV_IO_MAX_IMAGE_PIXELS): imread gives None
+
+
+def undecodable(path):
+    """Why cv2.imread gave no image: a valid but huge picture is not a corrupt file."""
+    try:
+        with Image.open(path) as img:   # reads the header only
+            width, height = img.size
+    except Image.DecompressionBombError as err:
+        return too_large(err)
+    except IMAGE_ERRORS:
+        return "not a readable image (OpenCV cannot decode it)"
+    if width * height > CV_MAX_PIXELS:
+        return (f"a valid image of {width} x {height} pixels, more than the {CV_MAX_PIXELS} "
+                f"OpenCV decodes; shrink it")
+    return "not a readable image (OpenCV cannot decode it)"
+
+
+def too_large(err):
+    return (f"a valid image too large to decode safely ({matfile.one_line(err)}: PIL's guard "
+            f"against decompression bombs); shrink it")
 
 
 def read_image(iall_path, index, key='IAll'):
@@ -195,7 +220,7 @@ def check_labels(labels, var):
     bad = ~((labels == 0) | (labels == 1))
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise UserError(f"{var.name()}: labels must be 0 or 1, found {labels[r, c]!r} at pair "
+        raise UserError(f"{var.name()}: labels must be 0 or 1, found {labels[r, c].item()} at pair "
                         f"{r}, label {c}")
     return np.ascontiguousarray(labels, dtype=np.uint8)
 

@@ -549,6 +549,8 @@ def copy_data(tiny, tmp_path, how):
     if how == 'labels':
         labels[0, 0] = 2
         scipy.io.savemat(lall, {'LAll': labels})
+    elif how == 'no_labels':
+        scipy.io.savemat(lall, {'LAll': np.zeros_like(labels)})
     elif how == 'key':
         scipy.io.savemat(yall, {'XAll': texts})
     elif how == 'count':
@@ -644,6 +646,7 @@ BAD_INPUTS = {
                             unreadable(t[0] / 'demo' / 'mirflickr25k-lall.mat', mp)
                             or [f"DATA_DIR={str(t[0] / 'demo')!r}"])),
     'labels_not_binary': (OWN, ['LAll'], 'labels'),
+    'labels_all_zero': (OWN, ['no query pair has a label', 'every mAP is 0'], 'no_labels'),
     'wrong_key': (OWN, ['YAll'], 'key'),
     'counts_disagree': (OWN, ['mirflickr25k-'], 'count'),
     'zero_pairs': (OWN, ['0 pairs'], 'zero_pairs'),
