@@ -230,9 +230,13 @@ def make_loader(data, part, cfg, generator=None):
 def batches(loader):
     """The batches of a DataLoader. A UserError raised while reading an item in a worker
     process (a bad image: one line naming the file and the pair) reaches the user as that
-    line; DataLoader would otherwise wrap it in the worker's traceback."""
+    line; DataLoader would otherwise wrap it in the worker's traceback. Batches left
+    unread (an error, Ctrl-C) stop the worker processes at once (stop_workers)."""
+    items = iter(loader)
+    finished = False
     try:
-        yield from loader
+        yield from items
+        finished = True
     except UserError as err:
         text = str(err)
         if not text.startswith('Caught UserError in DataLoader worker'):
@@ -240,6 +244,18 @@ def batches(loader):
         # The wrapped message ends with the worker's last traceback line: 'UserError: <line>'.
         last = text.rstrip().splitlines()[-1]
         raise UserError(last.partition('UserError: ')[2] or last) from None
+    finally:
+        if not finished:
+            stop_workers(items)
+
+
+def stop_workers(items):
+    """End a DataLoader iterator's worker processes now. Left to the process's exit, they
+    would be terminated (they are daemons) before removing their temporary folders
+    (pymp-* in the temp directory), while the error's traceback keeps the iterator alive."""
+    shutdown = getattr(items, '_shutdown_workers', None)   # absent without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def ignore_sigint(worker_id):

@@ -715,18 +715,24 @@ def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, monke
         assert {p.name: stamp(p) for p in copy.iterdir()} == copy_before
 
 
-def test_loader_worker_error_is_one_line(tiny, tmp_path, capsys):
+def test_loader_worker_error_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     """A corrupt block in the middle of IAll passes the load (no image is read there) and
-    fails in a loader worker: the user sees the worker's one line, naming file and image."""
+    fails in a loader worker: the user sees the worker's one line, naming file and image.
+    The workers are stopped before the error leaves (no pymp-* folder of theirs is left in
+    the temp directory), and the run folder of this failed start is gone."""
+    import tempfile
     base, args = tiny
     folder = copy_data(tiny, tmp_path, 'corrupt_middle')
-    argv = args + [f"DATA_DIR={str(folder)!r}", 'NUM_WORKERS=1',
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))   # the workers' too
+    argv = args + [f"DATA_DIR={str(folder)!r}", 'NUM_WORKERS=2',
                    f"OUT_DIR={str(tmp_path / 'runs')!r}", "RUN_NAME='worker'"]
     code, _, err = cli(argv, capsys)
     assert code == 2
     one_line_error(err, 'mirflickr25k-iall.mat', 'cannot read image')
     assert 'Traceback' not in err and 'DataLoader worker' not in err
-    assert not (tmp_path / 'runs' / 'worker' / 'checkpoint.pt').exists()
+    assert not (tmp_path / 'runs').exists()
+    assert [p.name for p in (tmp_path / 'tmp').iterdir() if p.name.startswith('pymp-')] == []
 
 
 def test_full_check_reads_every_image(tiny, tmp_path, capsys):
