@@ -120,7 +120,10 @@ class FileImages:
         except cv2.error as err:
             raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
         if bgr is None:
-            raise UserError(f"{path}: {undecodable(path)}")
+            size = oversized(path)
+            if size:
+                raise UserError(f"{path}: a valid image too large to decode ({size}); shrink it")
+            raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
         # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
         # must not be started before the DataLoader forks its workers
         return np.ascontiguousarray(bgr[..., ::-1])
@@ -133,8 +136,9 @@ class FileImages:
         try:
             with Image.open(path) as img:
                 img.load()
-        except Image.DecompressionBombError as err:
-            raise UserError(f"{path}: {too_large(err)}") from err
+        except Image.DecompressionBombError as err:   # PIL's guard against decompression bombs
+            raise UserError(f"{path}: a valid image too large to decode "
+                            f"({matfile.one_line(err)}); shrink it") from err
         except IMAGE_ERRORS as err:
             raise UserError(f"{path}: not a readable image, truncated or corrupt? "
                             f"({matfile.one_line(err)})") from err
@@ -144,24 +148,19 @@ class FileImages:
 CV_MAX_PIXELS = 1 << 30   # OpenCV's default limit (CV_IO_MAX_IMAGE_PIXELS): imread gives None
 
 
-def undecodable(path):
-    """Why cv2.imread gave no image: a valid but huge picture is not a corrupt file."""
+def oversized(path):
+    """Why cv2.imread gave no image if the file is a valid but huge picture (not a corrupt
+    one), else None."""
     try:
         with Image.open(path) as img:   # reads the header only
             width, height = img.size
-    except Image.DecompressionBombError as err:
-        return too_large(err)
+    except Image.DecompressionBombError as err:   # PIL's guard against decompression bombs
+        return matfile.one_line(err)
     except IMAGE_ERRORS:
-        return "not a readable image (OpenCV cannot decode it)"
+        return None
     if width * height > CV_MAX_PIXELS:
-        return (f"a valid image of {width} x {height} pixels, more than the {CV_MAX_PIXELS} "
-                f"OpenCV decodes; shrink it")
-    return "not a readable image (OpenCV cannot decode it)"
-
-
-def too_large(err):
-    return (f"a valid image too large to decode safely ({matfile.one_line(err)}: PIL's guard "
-            f"against decompression bombs); shrink it")
+        return f"{width} x {height} pixels, more than the {CV_MAX_PIXELS} OpenCV decodes"
+    return None
 
 
 def read_image(iall_path, index, key='IAll'):
