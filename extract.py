@@ -15,6 +15,10 @@ The rows go to <name>.partial as they are computed, in place, and a small <name>
 says how many are on disk (written after the rows are flushed). Ctrl-C or a kill stops it;
 the same command resumes at that row. Only the finished file is renamed to <name>.npy, so a
 file under that name is always complete. RESUME=False starts over.
+
+<name>.npy.json records what the rows were made from (identity): a file under that name made
+otherwise is refused, never returned. <name>.npy.lock keeps a second extract.py off the
+same output while one runs.
 """
 import contextlib
 import errno
@@ -174,12 +178,16 @@ class PartialFile:
         self.save_progress()
 
     def finish(self):
-        """The record of what the rows were made from, then the rows under the final name."""
+        """The rows under the final name, then the record of what they were made from. An
+        earlier record goes first: a kill in between leaves a file without a record (refused
+        until extracted again), never a record that describes other rows."""
         self.file.close()
+        if os.path.exists(record_path(self.path)):
+            os.remove(record_path(self.path))
+        os.replace(self.partial, self.path)
         train.write_json(record_path(self.path), {'written_by': 'extract.py',
                                                   'shape': [self.ident['pairs'], DIM],
                                                   'dtype': 'float32', 'identity': self.ident})
-        os.replace(self.partial, self.path)
         os.remove(self.progress)
 
     def close(self):

@@ -532,6 +532,21 @@ def test_a_folder_that_cannot_be_listed_is_not_missing(tmp_path, capsys, monkeyp
     assert 'permission denied' in err and 'missing' not in err
 
 
+def test_a_wiki_image_folder_that_cannot_be_entered_is_not_missing(tmp_path, monkeypatch):
+    names, cats, _ = write_wiki(tmp_path, n_train=6, n_test=3)
+    folder = os.path.join(str(tmp_path), 'images', wiki.WIKI_CATEGORIES[cats[2]])
+    real = os.stat
+
+    def stat(path, *args, **kwargs):   # as for a user without permission on the folder
+        if str(path).startswith(folder + os.sep):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'stat', stat)
+    with pytest.raises(settings.UserError, match='permission denied on a folder') as err:
+        datasets.load(config('Wiki', tmp_path), verbose=False)
+    assert names[2] in str(err.value) and 'missing' not in str(err.value)
+
+
 def test_a_huge_valid_image_is_not_called_corrupt(tmp_path):
     from PIL import Image
     path = str(tmp_path / 'huge.png')
