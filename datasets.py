@@ -72,6 +72,13 @@ def load(cfg, generate=True, verbose=True, train=True):
 
 
 def need_folder(cfg):
+    try:
+        os.stat(cfg.DATA_DIR)
+    except PermissionError:   # a folder on its path may not be entered
+        raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: permission denied on a folder of "
+                        f"its path; expected the folder holding the {cfg.DATASET} files") from None
+    except OSError:
+        pass
     if not os.path.isdir(cfg.DATA_DIR):
         what = 'is a file' if os.path.exists(cfg.DATA_DIR) else 'no such folder'
         where = f"; {pairs.where_to_get(cfg.DATASET)}" if cfg.DATASET in pairs.SOURCES else ''
@@ -143,6 +150,14 @@ def check_sizes(data, cfg, train):
         if train:
             raise UserError(f"{problem}; use a smaller BATCH_SIZE or more data")
         data.warnings.append(problem)
+    labelled = data.labels.any(1)
+    for part in ('query', 'database'):
+        if not labelled[getattr(data, part)].any():
+            problem = (f"{where}: no {part} pair has a label, so no item can be relevant to "
+                       f"any query and every mAP is 0")
+            if train:
+                raise UserError(f"{problem}; check the labels")
+            data.warnings.append(problem)
 
 
 def expected_files(cfg):
@@ -262,9 +277,13 @@ def make_loader(data, part, cfg, generator=None):
 def batches(loader):
     """The batches of a DataLoader. A UserError raised while reading an item in a worker
     process (a bad image: one line naming the file and the pair) reaches the user as that
-    line; DataLoader would otherwise wrap it in the worker's traceback."""
+    line; DataLoader would otherwise wrap it in the worker's traceback. Batches left
+    unread (an error, Ctrl-C) stop the worker processes at once (stop_workers)."""
+    items = iter(loader)
+    finished = False
     try:
-        yield from loader
+        yield from items
+        finished = True
     except UserError as err:
         text = str(err)
         if not text.startswith('Caught UserError in DataLoader worker'):
@@ -272,6 +291,18 @@ def batches(loader):
         # The wrapped message ends with the worker's last traceback line: 'UserError: <line>'.
         last = text.rstrip().splitlines()[-1]
         raise UserError(last.partition('UserError: ')[2] or last) from None
+    finally:
+        if not finished:
+            stop_workers(items)
+
+
+def stop_workers(items):
+    """End a DataLoader iterator's worker processes now. Left to the process's exit, they
+    would be terminated (they are daemons) before removing their temporary folders
+    (pymp-* in the temp directory), while the error's traceback keeps the iterator alive."""
+    shutdown = getattr(items, '_shutdown_workers', None)   # absent without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def ignore_sigint(worker_id):

@@ -80,6 +80,11 @@ def dcmh_path(dataset, data_dir, key):
     for path in tried:
         if os.path.isfile(path):
             return path
+    for folder in (os.path.dirname(path) for path in tried):
+        if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+            raise UserError(f"cannot look for {name} ({key}) in {folder}: permission denied "
+                            f"(the folder cannot be listed); expected the {dataset} files in "
+                            f"DATA_DIR (see docs/data.md)")
     raise UserError(f"missing file {name} ({key}): tried {', '.join(tried)}; "
                     f"expected the {dataset} files in DATA_DIR; {where_to_get(dataset)}")
 

@@ -13,6 +13,7 @@ from settings import UserError
 
 DEMO_PAIRS = 2000            # pairs written by make_demo
 DEMO_MARKER = 'demo-generated.json'   # written with the DEMO files: only those are overwritten
+DERIVED_PREFIX = 'demo-'     # files made from the DEMO (extract.py's features): kept, not foreign
 DEMO_SIZE = 64               # images are DEMO_SIZE x DEMO_SIZE (the DEMO preset crops 64 of 72)
 DEMO_LABELS = 8              # labels; each has a colour, a stripe direction and a cell
 DEMO_LABEL_COUNTS = (0.5, 0.35, 0.15)   # chance of 1, 2, 3 labels per pair
@@ -51,23 +52,62 @@ def make_demo(data_dir, n_pairs=DEMO_PAIRS, seed=0):
     images = demo_images(rng, labels)
     iall, yall, lall = (os.path.join(data_dir, name) for name in DCMH_FILES['DEMO'])
     # Write under temporary names and rename, so an interrupted run leaves no half file.
+    # The names carry this process's id: a file of the user's named <file>.tmp is never
+    # written over, and a killed generation's leftovers are known by their dead process.
+    tmp = temporary_name
     iall_matlab = np.ascontiguousarray(images.transpose(1, 2, 3, 0))  # H x W x 3 x N
     try:
         os.makedirs(data_dir, exist_ok=True)
-        matfile.write_mat73(iall + '.tmp', {'IAll': iall_matlab})
-        matfile.write_mat5(yall + '.tmp', {'YAll': texts.astype(np.float64)})
-        matfile.write_mat5(lall + '.tmp', {'LAll': labels.astype(np.float64)})
+        remove_stale_temporaries(data_dir)
+        matfile.write_mat73(tmp(iall), {'IAll': iall_matlab})
+        matfile.write_mat5(tmp(yall), {'YAll': texts.astype(np.float64)})
+        matfile.write_mat5(tmp(lall), {'LAll': labels.astype(np.float64)})
         # The marker first: a kill among the renames leaves a folder that is still ours.
         write_demo_marker(data_dir, n_pairs, seed)
         for path in (iall, yall, lall):
-            os.replace(path + '.tmp', path)
+            os.replace(tmp(path), path)
     except OSError as err:
         raise UserError(f"setting DATA_DIR={data_dir!r}: cannot write the DEMO files there "
                         f"({matfile.one_line(err)})") from None
     finally:
         for path in (iall, yall, lall):
-            if os.path.exists(path + '.tmp'):
-                os.remove(path + '.tmp')
+            if os.path.exists(tmp(path)):
+                os.remove(tmp(path))
+
+
+TMP_MARK = '.tmp'
+
+
+def temporary_name(path, pid=None):
+    """Where make_demo writes `path` before renaming it: <path>.tmp<process id>."""
+    return f"{path}{TMP_MARK}{os.getpid() if pid is None else pid}"
+
+
+def stale_temporaries(data_dir, names):
+    """The temporaries of a generation killed mid-way: <one of our files>.tmp<pid> of a
+    process that has ended."""
+    out = []
+    for name in names:
+        stem, mark, pid = name.rpartition(TMP_MARK)
+        if (mark and pid.isdigit() and stem in (*DCMH_FILES['DEMO'], DEMO_MARKER)
+                and not process_alive(int(pid))):
+            out.append(name)
+    return out
+
+
+def remove_stale_temporaries(data_dir):
+    for name in stale_temporaries(data_dir, os.listdir(data_dir)):
+        os.remove(os.path.join(data_dir, name))
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    return True
 
 
 def check_demo_folder(data_dir):
@@ -78,15 +118,16 @@ def check_demo_folder(data_dir):
                         f"the generated DEMO files")
     if not os.path.isdir(data_dir):
         return
-    names = DCMH_FILES['DEMO']
     try:
-        found = set(os.listdir(data_dir)) - {name + '.tmp' for name in (*names, DEMO_MARKER)}
+        found = set(os.listdir(data_dir))
         written = demo_marker_sizes(data_dir) or {}
     except OSError as err:
         raise UserError(f"setting DATA_DIR={data_dir!r}: cannot read the folder "
                         f"({matfile.one_line(err)})") from None
+    found -= set(stale_temporaries(data_dir, found))
     foreign = sorted(name for name in found - {DEMO_MARKER}   # not written, or changed since
-                     if os.path.getsize(os.path.join(data_dir, name)) != written.get(name))
+                     if os.path.getsize(os.path.join(data_dir, name)) != written.get(name)
+                     and not name.startswith(DERIVED_PREFIX))
     if foreign:
         shown = ', '.join(foreign[:4]) + (', ...' if len(foreign) > 4 else '')
         raise UserError(f"setting DATA_DIR={data_dir!r}: the folder holds files that are not a "
@@ -108,14 +149,14 @@ def demo_marker_sizes(data_dir):
 
 
 def write_demo_marker(data_dir, n_pairs, seed):
-    sizes = {name: os.path.getsize(os.path.join(data_dir, name + '.tmp'))
+    sizes = {name: os.path.getsize(temporary_name(os.path.join(data_dir, name)))
              for name in DCMH_FILES['DEMO']}
     marker = {'written_by': 'demo.make_demo', 'n_pairs': n_pairs, 'seed': seed,
               'files': sizes}
     path = os.path.join(data_dir, DEMO_MARKER)
-    with open(path + '.tmp', 'w') as f:
+    with open(temporary_name(path), 'w') as f:
         json.dump(marker, f, indent=2)
-    os.replace(path + '.tmp', path)
+    os.replace(temporary_name(path), path)
 
 
 def demo_labels(rng, n):

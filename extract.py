@@ -15,7 +15,14 @@ The rows go to <name>.partial as they are computed, in place, and a small <name>
 says how many are on disk (written after the rows are flushed). Ctrl-C or a kill stops it;
 the same command resumes at that row. Only the finished file is renamed to <name>.npy, so a
 file under that name is always complete. RESUME=False starts over.
+
+<name>.npy.json records what the rows were made from (identity): a file under that name made
+otherwise is refused, never returned. <name>.npy.lock keeps a second extract.py off the
+same output while one runs.
 """
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import sys
@@ -28,6 +35,7 @@ import datasets
 import models
 import settings
 import train
+from matfile import one_line
 from settings import UserError
 
 PREFIXES = {'MIRFlickr': 'mirflickr25k', 'NUSWIDE': 'nus-wide-tc10', 'Wiki': 'wiki',
@@ -44,13 +52,70 @@ def output_path(cfg):
     return os.path.join(cfg.DATA_DIR, name + '.npy')
 
 
-def identity(cfg, n, device):
-    """What the rows depend on: a partial file made with anything else is not resumed
-    (another device rounds otherwise: its rows and ours must not share a file)."""
-    return {'dataset': cfg.DATASET, 'pairs': n, 'backbone': cfg.BACKBONE, 'layer': LAYER,
-            'pretrained': cfg.PRETRAINED, 'pretrained_path': cfg.PRETRAINED_PATH,
-            'resize': cfg.RESIZE, 'crop': cfg.CROP, 'seed': cfg.SEED, 'dim': DIM,
-            'device': device_name(device)}
+def identity(cfg, data):
+    """Everything the rows depend on, as JSON values: the data (dataset, pairs, the sizes of
+    the files read), the network and its weights, the transform. Stored beside the output
+    (<name>.npy.json) and in the partial file's progress record: a file made with anything
+    else is never returned, nor resumed, for these settings."""
+    ident = {'dataset': cfg.DATASET, 'pairs': len(data.labels),
+             'data_files': {os.path.basename(path): file_size(path) for path, _ in data.files},
+             'backbone': cfg.BACKBONE, 'layer': LAYER, 'dim': DIM, 'weights': weights(cfg),
+             'resize': cfg.RESIZE, 'crop': cfg.CROP}
+    return json.loads(json.dumps(ident))   # as read back from the file: lists, not tuples
+
+
+def weights(cfg):
+    """Which weights the network has: random ones depend on SEED, a local file on its
+    bytes, torchvision's on its version."""
+    if not cfg.PRETRAINED:
+        return {'random': True, 'seed': cfg.SEED}
+    if cfg.PRETRAINED_PATH:
+        return {'file_sha256': file_sha256(cfg.PRETRAINED_PATH)}
+    import torchvision
+    return {'torchvision': torchvision.__version__, 'weights': 'IMAGENET1K_V1'}
+
+
+def file_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    try:
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 24), b''):
+                digest.update(block)
+    except OSError as err:
+        raise UserError(f"setting PRETRAINED_PATH={path!r}: cannot be read "
+                        f"({err.strerror})") from None
+    return digest.hexdigest()
+
+
+def record_path(path):
+    return path + '.json'
+
+
+def check_finished(path, ident):
+    """A finished output may be returned only if its record says it was made with these
+    settings from this data; anything else there is refused, never returned."""
+    try:
+        with open(record_path(path)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get('identity'), dict):
+        raise UserError(f"{path} exists but {record_path(path)}, the record of what it was "
+                        f"extracted from, is missing or unreadable; move the file away, or pass "
+                        f"RESUME=False to extract again over it")
+    saved = record['identity']
+    diffs = [f"{key}: {saved.get(key)!r} there, {ident.get(key)!r} now"
+             for key in sorted(set(saved) | set(ident)) if saved.get(key) != ident.get(key)]
+    if diffs:
+        raise UserError(f"{path} was extracted with other settings or data ({'; '.join(diffs)}); "
+                        f"move it away, or pass RESUME=False to extract again over it")
 
 
 def device_name(device):
@@ -64,17 +129,19 @@ def device_name(device):
 
 class PartialFile:
     """<path>.partial: a .npy header and N x DIM float32 rows written in place;
-    <path>.progress.json: the rows done so far and what they were made with."""
+    <path>.progress.json: the rows done so far, what they were made with and on which device
+    (another device rounds otherwise: its rows and ours must not share a file)."""
 
-    def __init__(self, path, ident):
-        self.path, self.ident = path, ident
+    def __init__(self, path, ident, device):
+        self.path, self.ident, self.device = path, ident, device
         self.partial, self.progress = path + '.partial', path + '.progress.json'
         self.done, self.offset = 0, None
 
     def open(self, resume):
         """Reopen a matching partial file at its last row, else create a new one."""
         state = self.read_progress() if resume else None
-        if state and state.get('identity') == self.ident and os.path.isfile(self.partial):
+        if state and state.get('identity') == self.ident and (
+                state.get('device') == self.device and os.path.isfile(self.partial)):
             self.done, self.offset = state['done'], state['offset']
             self.file = open(self.partial, 'r+b')
             return
@@ -97,21 +164,41 @@ class PartialFile:
             return None
 
     def save_progress(self):
-        state = {'done': self.done, 'offset': self.offset, 'identity': self.ident}
+        state = {'done': self.done, 'offset': self.offset, 'identity': self.ident,
+                 'device': self.device}
         train.write_json(self.progress, state)
 
     def write(self, rows):
-        """Rows done..done+len(rows): on disk first, then counted."""
-        self.file.seek(self.offset + self.done * DIM * 4)
-        self.file.write(np.ascontiguousarray(rows, dtype='<f4').tobytes())
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        """Rows done..done+len(rows): on disk first, then counted. A full disk stops here
+        in one line; the rows counted so far stay for the resume."""
+        try:
+            self.file.seek(self.offset + self.done * DIM * 4)
+            self.file.write(np.ascontiguousarray(rows, dtype='<f4').tobytes())
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as err:
+            self.close()
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise UserError(f"{'no space left on the device' if full else 'cannot write'} "
+                            f"while writing {self.partial} ({one_line(err)}); the "
+                            f"{self.done} rows done are kept: "
+                            f"{'free some space and ' if full else ''}run the same command to "
+                            f"resume") from None
         self.done += len(rows)
         self.save_progress()
 
     def finish(self):
+        """The rows under the final name, then the record of what they were made from. An
+        earlier record goes first: a kill in between leaves a file without a record (refused
+        until extracted again), never a record that describes other rows."""
         self.file.close()
+        if os.path.exists(record_path(self.path)):
+            os.remove(record_path(self.path))
         os.replace(self.partial, self.path)
+        train.write_json(record_path(self.path), {'written_by': 'extract.py',
+                                                  'shape': [self.ident['pairs'], DIM],
+                                                  'dtype': 'float32', 'identity': self.ident,
+                                                  'device': self.device})
         os.remove(self.progress)
 
     def close(self):
@@ -138,14 +225,28 @@ def extract(cfg):
     if settings.uses_image_features(cfg):
         raise UserError("extract.py reads the images: leave IMAGE_FEATURES and PUBLISHED empty")
     path = output_path(cfg)
+    data = datasets.load(cfg)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(train.lock_file(path + '.lock', f"output {path}", 'extract.py',
+                                                "wait for it to end", keep=False))
+        except OSError as err:
+            raise UserError(f"setting DATA_DIR={cfg.DATA_DIR!r}: cannot write {path}.lock "
+                            f"({err.strerror})") from None
+        return extract_locked(cfg, data, path)
+
+
+def extract_locked(cfg, data, path):
+    """extract(), holding the lock on the output: one extract.py writes it at a time."""
+    ident = identity(cfg, data)
     if os.path.isfile(path) and cfg.RESUME:
+        check_finished(path, ident)
         print(f"already extracted: {path} (RESUME=False extracts again)")
         return path
-    data = datasets.load(cfg)
     n = len(data.labels)
     device = train.pick_device(cfg)
     train.configure_torch(cfg)   # TF32 and cudnn as train.py has them
-    out = PartialFile(path, identity(cfg, n, device))
+    out = PartialFile(path, ident, device_name(device))
     try:
         out.open(cfg.RESUME)
     except OSError as err:

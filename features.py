@@ -51,6 +51,7 @@ def read_features(path, n, setting, preferred_key):
         raise UserError(f"{where}: no such file; expected an N x d array with one row per "
                         f"pair ({n} pairs)")
     if path.endswith('.npy'):
+        check_npy_magic(path, where)
         try:
             array = np.load(path, mmap_mode='r', allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
@@ -64,10 +65,28 @@ def read_features(path, n, setting, preferred_key):
     return check_features(array, n, where)
 
 
+def check_npy_magic(path, where):
+    """A .npy file starts with NumPy's magic bytes; anything else (a pickle named .npy) is
+    refused here, and never unpickled."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise UserError(f"{where}: cannot be read ({matfile.one_line(err)})") from None
+    if head != NPY_MAGIC:
+        raise UserError(f"{where}: not a NumPy .npy file (it lacks the .npy header: a pickle, "
+                        f"or another format renamed?); pickles are never loaded: save the "
+                        f"array with numpy.save")
+
+
+NPY_MAGIC = b'\x93NUMPY'
+
+
 def check_features(array, n, where):
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-        raise UserError(f"{where}: expected a 2-D numeric array (pairs x dimensions), "
-                        f"found shape {array.shape} {array.dtype}")
+    if array.ndim != 2 or array.dtype.kind not in 'biuf' or array.shape[1] < 1:
+        raise UserError(f"{where}: expected a 2-D real-valued numeric array (pairs x "
+                        f"dimensions, at least one column), found shape {array.shape} "
+                        f"{array.dtype}")
     if len(array) != n:
         raise UserError(f"{where}: {len(array)} rows, expected one per pair of the "
                         f"dataset ({n})")
@@ -90,7 +109,7 @@ def pick_key(path, preferred, where):
                 found = [(k, f[k].shape) for k in f if isinstance(f[k], h5py.Dataset)]
         else:
             found = [(k, shape) for k, shape, _ in scipy.io.whosmat(path)]
-    except matfile.READ_ERRORS as err:
+    except matfile.MAT5_ERRORS as err:
         raise UserError(f"{where}: not a readable .npy, .mat or HDF5 file "
                         f"({matfile.one_line(err)})") from None
     names = [k for k, _ in found]
@@ -115,7 +134,9 @@ def apply_image_features(cfg, data):
 def apply_text_features(cfg, data):
     """TEXT_FEATURES: replace the text vectors (in RAM: the loaders index them per batch)."""
     texts = read_features(cfg.TEXT_FEATURES, len(data.labels), 'TEXT_FEATURES', 'YAll')
-    data.texts = np.ascontiguousarray(texts, dtype=np.float32)
+    # a copy, always: a .npy comes as a read-only memory map, which torch.from_numpy
+    # warns about in every batch
+    data.texts = np.array(texts, dtype=np.float32, order='C')
     data.files.append((cfg.TEXT_FEATURES, f"text features {fmt(texts)}"))
 
 

@@ -27,6 +27,9 @@ MATLAB_CLASSES = {np.dtype(np.uint8): 'uint8', np.dtype(np.float64): 'double',
 # bug of ours and keeps its traceback.
 READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zlib.error,
                scipy.io.matlab.MatReadError)
+# scipy's v5 reader also raises TypeError on garbage after a valid header ("Expecting
+# miMATRIX type here") and IndexError on a file shorter than its header.
+MAT5_ERRORS = READ_ERRORS + (TypeError, IndexError)
 
 
 # ===== reading =====
@@ -93,7 +96,7 @@ def describe(path, key):
                             f"corrupt? ({one_line(err)})") from err
     try:
         found = scipy.io.whosmat(path)
-    except READ_ERRORS as err:
+    except MAT5_ERRORS as err:
         raise UserError(f"{path}: not a readable MATLAB file, truncated or corrupt? "
                         f"({one_line(err)})") from err
     for name, shape, mclass in found:
@@ -109,6 +112,7 @@ def read_var(var, dtype=None):
         if var.version == 'v5':
             a = scipy.io.loadmat(var.path, variable_names=[var.key])[var.key]
             a = a.toarray() if scipy.sparse.issparse(a) else a
+            check_real(a.dtype, var)
             return np.asarray(a, dtype=dtype)
         with h5py.File(var.path, 'r') as f:
             obj = f[var.key]
@@ -116,10 +120,20 @@ def read_var(var, dtype=None):
                 a = scipy.sparse.csc_matrix((obj['data'][()], obj['ir'][()], obj['jc'][()]),
                                             shape=var.shape).toarray()
                 return np.asarray(a, dtype=dtype)
+            check_real(obj.dtype, var)
             return read_h5(obj, var.axes_reversed, dtype)
-    except READ_ERRORS as err:
+    except (MAT5_ERRORS if var.version == 'v5' else READ_ERRORS) as err:
         raise UserError(f"{var.name()}: cannot read the data, truncated or corrupt? "
                         f"({one_line(err)})") from err
+
+
+def check_real(dtype, var):
+    """Numbers only: a cast to float would drop a complex array's imaginary part with no
+    more than a warning, and fail on text, cells or structs with a traceback."""
+    if dtype.kind not in 'biuf':   # bool, signed, unsigned, float
+        what = 'complex' if dtype.kind == 'c' else f"non-numeric ({dtype})"
+        raise UserError(f"{var.name()}: holds {what} values; expected a real-valued numeric "
+                        f"array")
 
 
 def read_h5(ds, reverse, dtype):

@@ -141,6 +141,9 @@ class FileImages:
         except cv2.error as err:
             raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
         if bgr is None:
+            size = oversized(path)
+            if size:
+                raise UserError(f"{path}: a valid image too large to decode ({size}); shrink it")
             raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
         # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
         # must not be started before the DataLoader forks its workers
@@ -154,10 +157,31 @@ class FileImages:
         try:
             with Image.open(path) as img:
                 img.load()
+        except Image.DecompressionBombError as err:   # PIL's guard against decompression bombs
+            raise UserError(f"{path}: a valid image too large to decode "
+                            f"({matfile.one_line(err)}); shrink it") from err
         except IMAGE_ERRORS as err:
             raise UserError(f"{path}: not a readable image, truncated or corrupt? "
                             f"({matfile.one_line(err)})") from err
         return self.decode(i)
+
+
+CV_MAX_PIXELS = 1 << 30   # OpenCV's default limit (CV_IO_MAX_IMAGE_PIXELS): imread gives None
+
+
+def oversized(path):
+    """Why cv2.imread gave no image if the file is a valid but huge picture (not a corrupt
+    one), else None."""
+    try:
+        with Image.open(path) as img:   # reads the header only
+            width, height = img.size
+    except Image.DecompressionBombError as err:   # PIL's guard against decompression bombs
+        return matfile.one_line(err)
+    except IMAGE_ERRORS:
+        return None
+    if width * height > CV_MAX_PIXELS:
+        return f"{width} x {height} pixels, more than the {CV_MAX_PIXELS} OpenCV decodes"
+    return None
 
 
 def read_image(iall_path, index, key='IAll'):
@@ -216,7 +240,7 @@ def check_labels(labels, var):
     bad = ~((labels == 0) | (labels == 1))
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise UserError(f"{var.name()}: labels must be 0 or 1, found {labels[r, c]!r} at pair "
+        raise UserError(f"{var.name()}: labels must be 0 or 1, found {labels[r, c].item()} at pair "
                         f"{r}, label {c}")
     return np.ascontiguousarray(labels, dtype=np.uint8)
 

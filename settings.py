@@ -149,7 +149,7 @@ SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
 NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
                           'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
                           'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'PUBLISHED_ONLY',
-                          'USAGE_WIDTH', 'CONTINUATION_LINE'})
+                          'USAGE_WIDTH', 'CONTINUATION_LINE', 'TYPE_WORDS'})
 
 
 class UserError(Exception):
@@ -179,6 +179,9 @@ def parse_overrides(argv):
     return out
 
 
+TYPE_WORDS = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}
+
+
 def _check_type(key, value, default):
     if isinstance(default, bool) or isinstance(value, bool):
         ok = type(value) is type(default)
@@ -187,8 +190,9 @@ def _check_type(key, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise UserError(f"setting {key}={value!r}: expected a {type(default).__name__} "
-                        f"like the default {default!r}")
+        kind = TYPE_WORDS.get(type(default), f"a {type(default).__name__}")
+        raise UserError(f"setting {key}={value!r}: expected {kind} like the default "
+                        f"{default!r}")
     return float(value) if isinstance(default, float) else value
 
 

@@ -9,9 +9,11 @@ Every setting lives in settings.py; KEY=VALUE on the command line overrides it (
 them). A run lives in OUT_DIR/RUN_NAME and resumes from its checkpoint when started again;
 docs/runs.md describes its files, the lock, Ctrl-C and what is kept when it finishes.
 """
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -335,6 +337,7 @@ def read_checkpoint(path, mmap=False, advice="move it away, or pass RESUME=False
     if found:
         raise UserError(f"checkpoint {path}: not a checkpoint written by train.py ({found}); "
                         f"{advice}")
+    verify_digest(path, state, advice)
     return state
 
 
@@ -355,6 +358,53 @@ def saved_gpu(saved_settings):
     """The index of the GPU a checkpoint's run trained on, as far as its DEVICE says."""
     match = re.fullmatch(r'cuda:(\d+)', str(saved_settings.get('DEVICE', '')))
     return int(match.group(1)) if match else 0
+
+
+DIGEST_KEY = 'digest'
+DIGEST_PIECE = 64 << 20   # bytes hashed as one piece; the pieces are hashed in threads
+
+
+def checkpoint_digest(state):
+    """sha256 of everything a checkpoint holds but its digest: each value in key order, a
+    tensor by its dtype, shape and bytes. save_checkpoint stores it, read_checkpoint checks
+    it: a byte changed inside a weight on disk would otherwise load and evaluate silently."""
+    lines, pieces = [], []
+    describe_value({k: v for k, v in state.items() if k != DIGEST_KEY}, '', lines, pieces)
+    workers = min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # hashlib frees the GIL
+        hashes = list(pool.map(lambda piece: hashlib.sha256(piece).hexdigest(), pieces))
+    return 'sha256:' + hashlib.sha256('\n'.join(lines + hashes).encode()).hexdigest()
+
+
+def describe_value(value, key, lines, pieces):
+    """One line per value of a nested checkpoint into `lines`; a tensor's bytes, cut into
+    DIGEST_PIECE pieces, into `pieces`."""
+    if isinstance(value, dict):
+        lines.append(f"{key} dict {len(value)}")
+        for k in sorted(value, key=repr):
+            describe_value(value[k], f"{key}/{k!r}", lines, pieces)
+    elif isinstance(value, (list, tuple)):
+        lines.append(f"{key} list {len(value)}")
+        for i, item in enumerate(value):
+            describe_value(item, f"{key}/{i}", lines, pieces)
+    elif isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        lines.append(f"{key} tensor {value.dtype} {tuple(value.shape)} from piece {len(pieces)}")
+        pieces += [data[a:a + DIGEST_PIECE] for a in range(0, len(data), DIGEST_PIECE)]
+    else:
+        lines.append(f"{key} {value!r}")
+
+
+def verify_digest(path, state, advice):
+    """Refuse a checkpoint whose contents changed since it was written. One written before
+    checkpoints carried a digest is accepted with a note (the next save adds one)."""
+    stored = state.get(DIGEST_KEY)
+    if stored is None:
+        print(f"note: checkpoint {path} carries no digest (written by an older train.py): "
+              f"its contents cannot be verified", file=sys.stderr)
+    elif stored != checkpoint_digest(state):
+        raise UserError(f"checkpoint {path}: its contents do not match the digest stored when "
+                        f"it was written (changed or damaged on disk); {advice}")
 
 
 def load_weights(path, key, module, state):
@@ -395,6 +445,13 @@ def atomic_write(path, write):
         os.replace(tmp, path)
     except OSError as err:
         raise UserError(write_error(path, err)) from err
+    except RuntimeError as err:   # how torch.save reports an error of the file it writes
+        cause = err.__context__
+        if isinstance(cause, OSError):   # a full disk: "unexpected pos ..."
+            raise UserError(write_error(path, cause)) from err
+        if isinstance(cause, KeyboardInterrupt):   # a second Ctrl-C while it writes
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -505,40 +562,115 @@ LOCK_NAME = '.lock'
 def locked_run_dir(path, create):
     """Hold an exclusive OS lock on the run directory (the OS drops it when the process
     dies, so a killed run never blocks the next). create=True makes the directory; if the
-    block then fails, the folders it made are removed again while they are empty."""
+    block then fails, the folders it made are removed again while they are empty, and a
+    lock file it made goes too: a refused start leaves the directory as it found it."""
     made = missing_folders(path) if create else []
-    try:
-        for folder in reversed(made):
-            os.mkdir(folder)
-        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        remove_empty(made)
-        raise UserError(f"setting OUT_DIR={os.path.dirname(path)!r}: cannot write the run "
-                        f"directory {path} ({one_line(err)})") from None
     ok = False
     try:
-        take_lock(fd, path)
+        with contextlib.ExitStack() as stack:
+            try:
+                for folder in reversed(made):
+                    os.mkdir(folder)
+                stack.enter_context(lock_file(os.path.join(path, LOCK_NAME),
+                                              f"run directory {path}", 'train.py',
+                                              "wait for it to end, or choose another RUN_NAME"))
+            except OSError as err:
+                raise UserError(f"setting OUT_DIR={os.path.dirname(path)!r}: cannot write the "
+                                f"run directory {path} ({one_line(err)})") from None
+            yield
+            ok = True
+    finally:
+        if not ok and made:
+            remove_empty([os.path.join(path, 'codes'), *made])
+
+
+@contextlib.contextmanager
+def lock_file(path, what, command, advice, keep=True):
+    """Hold an exclusive lock on the file `path` (made if absent) for the block; `what` is
+    what it guards, `command` who else may hold it. The file is removed at the end when
+    keep=False, and when the block fails if this block made it."""
+    fd, made = acquire_lock(path, what, command, advice)
+    ok = False
+    try:
         yield
         ok = True
     finally:
+        if not keep or (made and not ok):
+            remove_empty([path])   # while still held: acquire_lock copes with it
         os.close(fd)
-        if not ok and made and set(os.listdir(path)) <= {LOCK_NAME, 'codes'}:
-            remove_empty([os.path.join(path, 'codes'), os.path.join(path, LOCK_NAME), *made])
 
 
-def take_lock(fd, path):
+def acquire_lock(path, what, command, advice):
+    """(file descriptor, made) of the lock file `path`, locked by this process. A process
+    that removes a lock file does so while holding it; one that was waiting on the removed
+    file notices afterwards that `path` names another file (or none) and tries again."""
+    while True:
+        try:
+            fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, made = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:   # removed in between: make it
+                continue
+        locked = False
+        try:
+            take_lock(fd, path, what, command, advice)
+            locked = True
+        finally:
+            if not locked:
+                os.close(fd)
+        if same_file(fd, path):
+            return fd, made
+        os.close(fd)
+
+
+def same_file(fd, path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
+
+
+def take_lock(fd, path, what, command, advice):
+    """A POSIX record lock (lockf), not flock: a forked process does not inherit it, so the
+    DataLoader workers of a killed run, which live on for a moment, never hold it. The
+    holder writes its process id into the file; a refusal names it."""
     try:
         import fcntl
-    except ImportError:  # no flock on this platform: run unlocked
+    except ImportError:  # no POSIX locks on this platform: run unlocked
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 100, 0).decode(errors='replace').strip() or 'another process'
-        raise UserError(f"run directory {path} is in use by another train.py ({holder}); "
-                        f"wait for it to end, or choose another RUN_NAME") from None
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        raise UserError(f"{what} is in use by {holder(fd, command)}; {advice}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {platform.node()}\n".encode(), 0)
+
+
+def holder(fd, command):
+    """Who holds the lock, from what the holder wrote into the lock file."""
+    text = os.pread(fd, 200, 0).decode(errors='replace').strip()
+    pid, _, host = text.removeprefix('process ').partition(' on ')
+    if not pid.isdigit():
+        return f"another {command}"
+    if host == platform.node() and not process_alive(int(pid)):
+        return (f"another process (the lock file names process {pid}, which has ended: "
+                f"another {command} that is just starting?)")
+    return f"another {command} ({text})"
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    return True
 
 
 def missing_folders(path):
@@ -592,6 +724,7 @@ class Run:
         self.commit = git_commit()
         self.progress = Progress()
         self.stop_requested = False
+        self.started_fresh = False   # start_fresh has removed the earlier outputs
 
     def train_to_end(self):
         """Train from scratch or from the checkpoint to NUM_EPOCH, then write the results."""
@@ -601,8 +734,11 @@ class Run:
             results = self.finished_results()
             if results:
                 return self.report_finished(results)
+            if self.cfg.RESUME and not os.path.exists(self.ckpt):
+                self.refuse_outputs_without_checkpoint()
             self.start()
-            self.resume_or_start_fresh()
+            with self.taken_back_unless_saved():
+                self.resume_or_start_fresh()
             with self.ctrl_c_stops_after_batch():
                 self.loop()
             self.finish()
@@ -691,6 +827,7 @@ class Run:
         training_left = p.epoch < self.cfg.NUM_EPOCH
         state = self.session.state_dict(optimizer=training_left or self.cfg.KEEP_OPTIMIZER)
         state.update(dataclasses.asdict(p))
+        state[DIGEST_KEY] = checkpoint_digest(state)
         atomic_write(self.ckpt, lambda f: torch.save(state, f))
 
     @contextlib.contextmanager
@@ -741,6 +878,7 @@ class Run:
         for path in [*(os.path.join(self.dir, name) for name in FRESH_START_REMOVES), *old]:
             if os.path.exists(path):
                 os.remove(path)
+        self.started_fresh = True
         write_json(os.path.join(self.dir, 'settings.json'),
                    {**vars(cfg), 'commit': self.commit, 'versions': versions()})
         split = {k: getattr(data, k) for k in ('query', 'train', 'database')}
@@ -750,6 +888,61 @@ class Run:
         if cfg.EVAL_UNTRAINED:
             self.evaluate_and_save()
         self.save_checkpoint()
+
+    def refuse_outputs_without_checkpoint(self):
+        """RESUME=True and no checkpoint: a fresh start replaces only what a start of ours
+        leaves before its first checkpoint (settings.json, split.npz, the untrained
+        evaluation). Other run outputs (a finished run whose checkpoint was deleted, a
+        folder of the user's) are refused, never overwritten."""
+        found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(self.dir, name))]
+        codes = os.path.join(self.dir, 'codes')
+        if os.path.isdir(codes):
+            found += [f"codes/{name}" for name in sorted(os.listdir(codes))]
+        unexplained = [name for name in found if name not in self.start_leftovers()]
+        if unexplained:
+            shown = ', '.join(unexplained[:4]) + (', ...' if len(unexplained) > 4 else '')
+            raise UserError(f"run directory {self.dir} holds run outputs ({shown}) but no "
+                            f"checkpoint to resume from (a finished run whose checkpoint was "
+                            f"deleted, or a folder train.py did not write?); choose another "
+                            f"RUN_NAME, or pass RESUME=False to start over there, replacing "
+                            f"them")
+
+    def start_leftovers(self):
+        """The files of a start killed before its first checkpoint, if settings.json says
+        train.py wrote them: settings, split, the untrained evaluation."""
+        lines = []
+        try:
+            with open(os.path.join(self.dir, 'settings.json')) as f:
+                saved = json.load(f)
+            if os.path.exists(self.metrics):
+                with open(self.metrics) as f:
+                    lines = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError):
+            return set()
+        if not (isinstance(saved, dict) and {'commit', 'versions'} <= set(saved)):
+            return set()
+        leftovers = {'settings.json', 'split.npz', 'codes/epoch_000.npz'}
+        if all(isinstance(line, dict) and line.get('untrained') for line in lines):
+            leftovers.add('metrics.jsonl')
+        return leftovers
+
+    @contextlib.contextmanager
+    def taken_back_unless_saved(self):
+        """A fresh start that fails before its first checkpoint (a full disk, Ctrl-C or a
+        bad image in the untrained evaluation) removes the files it wrote: the next start
+        finds the directory as this one found it."""
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if not ok and self.started_fresh and not os.path.exists(self.ckpt):
+                codes = os.path.join(self.dir, 'codes')
+                written = [os.path.join(codes, name) for name in
+                           (os.listdir(codes) if os.path.isdir(codes) else [])
+                           if name.startswith('epoch_') and name.endswith('.npz')]
+                remove_empty([*written, codes, *(os.path.join(self.dir, name)
+                                                 for name in RUN_OUTPUTS)])
 
     def finished_results(self):
         """results.json of this run if it is finished for these settings, else None."""
@@ -839,6 +1032,8 @@ LOSS_READ_EVERY = 50
 
 FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json',
                        custom.VOCABULARY_FILE)
+# What a run writes in its directory besides checkpoint.pt, codes/ and the lock.
+RUN_OUTPUTS = ('settings.json', 'split.npz', *FRESH_START_REMOVES)
 
 
 def trim_metrics(path, progress):

@@ -59,6 +59,18 @@ def read_wiki_list(path, n_categories=len(WIKI_CATEGORIES)):
     return names, np.array(cats, np.int64)
 
 
+def missing_image(path):
+    """A folder this user may not enter is not a missing image: say which it is."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return (f"cannot read {path}: permission denied on a folder of its path; expected "
+                f"the image named in the list files")
+    except OSError:
+        pass
+    return f"missing file {path}: expected the image named in the list files"
+
+
 def load_wiki(data_dir, need_images=True):
     """Wiki: the given lists (query = test, database = train = train), one image a file
     (need_images=False: on stored features, the image files need not exist)."""
@@ -87,8 +99,7 @@ def load_wiki(data_dir, need_images=True):
              for name, c in zip(names, cats)]
     for path in paths if need_images else ():  # named now, not in a worker mid-epoch
         if not os.path.isfile(path):
-            raise UserError(f"missing file {path}: expected the image named in the list "
-                            f"files; {where_to_get('Wiki')}")
+            raise UserError(f"{missing_image(path)}; {where_to_get('Wiki')}")
     n_train = len(parts[0][0])
     train = np.arange(n_train, dtype=np.int64)
     query = np.arange(n_train, len(names), dtype=np.int64)

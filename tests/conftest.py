@@ -1,6 +1,8 @@
 """Shared test helpers: small datasets written in each real layout, independently of the
 code under test (the MATLAB v7.3 writer here is our own, not matfile.write_mat73)."""
 import os
+import subprocess
+import sys
 import time
 
 import h5py
@@ -160,3 +162,26 @@ def write_published(root, layout, n=40, height=14, width=10):
         os.makedirs(os.path.dirname(paths[name]), exist_ok=True)
         os.replace(os.path.join(flat, name), paths[name])
     return data_dir, dataset, texts, labels, paths
+
+
+def hold_lock(path, names_pid=None):
+    """A second process holding the lock file `path` as another train.py or extract.py does
+    (a POSIX lock is per process: this one could always take its own again) until its stdin
+    closes. Its lock file names process `names_pid` (default: itself)."""
+    code = ("import fcntl, os, platform, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "pid = sys.argv[2] if len(sys.argv) > 2 else os.getpid()\n"
+            "os.ftruncate(fd, 0)\n"
+            "os.pwrite(fd, f'process {pid} on {platform.node()}'.encode(), 0)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    argv = [sys.executable, '-c', code, str(path)] + ([str(names_pid)] if names_pid else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == 'locked\n'
+    return proc
+
+
+def release(proc):
+    proc.stdin.close()
+    proc.wait()

@@ -501,18 +501,68 @@ def broken_dcmh(tmp_path, how):
         texts[1, 1] = np.nan
         save_v5(yall, {'YAll': texts})
         return MIR_NAMES[1]
+    if how == 'complex_text':
+        save_v5(yall, {'YAll': texts * (1 + 1j)})
+        return MIR_NAMES[1]
+    if how == 'garbage_after_header':   # scipy: TypeError "Expecting miMATRIX type"
+        with open(yall, 'r+b') as f:
+            f.seek(128)
+            f.write(np.random.default_rng(1).bytes(400))
+        return MIR_NAMES[1]
+    if how == 'shorter_than_header':   # scipy: IndexError
+        with open(yall, 'w') as f:
+            f.write('MATLAB 5.0' + 'x' * 40)
+        return MIR_NAMES[1]
     raise ValueError(how)
 
 
 @pytest.mark.parametrize('how', ['missing', 'corrupt', 'truncated_v73', 'truncated_v5',
                                  'wrong_key', 'wrong_shape', 'counts_disagree', 'not_binary',
-                                 'not_uint8', 'four_channels', 'nan_text'])
+                                 'not_uint8', 'four_channels', 'nan_text', 'complex_text',
+                                 'garbage_after_header', 'shorter_than_header'])
 def test_check_one_line_error(tmp_path, capsys, how):
     named = broken_dcmh(tmp_path, how)
     code, out, err = run_check(['DATASET=MIRFlickr', f'DATA_DIR={tmp_path}'], capsys)
     assert code == 2
     assert err.startswith('error: ') and err.count('\n') == 1, err
     assert named in err and 'Traceback' not in err
+    if how == 'not_binary':   # the value as the user wrote it, not NumPy's repr
+        assert 'found 2.0 at pair 3, label 2' in err
+
+
+def test_a_folder_that_cannot_be_listed_is_not_missing(tmp_path, capsys, monkeypatch):
+    write_dcmh(tmp_path, MIR_NAMES, n=24)
+    real = os.access   # tests may run as root, for whom chmod changes nothing
+    monkeypatch.setattr(os, 'access', lambda p, mode, *a, **k:
+                        False if str(p) == str(tmp_path) else real(p, mode, *a, **k))
+    monkeypatch.setattr(os.path, 'isfile', lambda p: False)   # as stat fails in there
+    code, _, err = run_check(['DATASET=MIRFlickr', f'DATA_DIR={tmp_path}'], capsys)
+    assert code == 2 and err.count('\n') == 1
+    assert 'permission denied' in err and 'missing' not in err
+
+
+def test_a_wiki_image_folder_that_cannot_be_entered_is_not_missing(tmp_path, monkeypatch):
+    names, cats, _ = write_wiki(tmp_path, n_train=6, n_test=3)
+    folder = os.path.join(str(tmp_path), 'images', wiki.WIKI_CATEGORIES[cats[2]])
+    real = os.stat
+
+    def stat(path, *args, **kwargs):   # as for a user without permission on the folder
+        if str(path).startswith(folder + os.sep):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'stat', stat)
+    with pytest.raises(settings.UserError, match='permission denied on a folder') as err:
+        datasets.load(config('Wiki', tmp_path), verbose=False)
+    assert names[2] in str(err.value) and 'missing' not in str(err.value)
+
+
+def test_a_huge_valid_image_is_not_called_corrupt(tmp_path):
+    from PIL import Image
+    path = str(tmp_path / 'huge.png')
+    Image.new('1', (14000, 14000)).save(path)   # 196 M pixels, a few kB: past PIL's guard
+    with pytest.raises(settings.UserError, match='valid image too large to decode .*DecompressionBomb') as err:
+        pairs.FileImages([path])[0]
+    assert 'corrupt' not in str(err.value)
 
 
 def broken_wiki(folder, how):

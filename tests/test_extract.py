@@ -1,5 +1,6 @@
 """extract.py: row i = pair i, resume after an interruption gives the same file, and a file
 under the final name is always complete."""
+import errno
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 
 import datasets
 import extract
-from conftest import MIR_NAMES, config, write_dcmh
+from conftest import MIR_NAMES, config, hold_lock, release, write_dcmh
 from settings import UserError
 
 N_PAIRS = 24
@@ -113,6 +114,83 @@ def test_partial_file_of_other_settings_is_not_resumed(tiny, uninterrupted, tmp_
     np.testing.assert_array_equal(out, uninterrupted)
 
 
+def stamp(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def test_a_file_made_otherwise_is_never_returned(tiny, uninterrupted, tmp_path):
+    """The same file name for other settings (another seed of the random weights, another
+    RESIZE before the same crop), for other data, or without its record: refused in one
+    line, the file untouched."""
+    path = extract.output_path(settings_for(tiny))
+    before = stamp(path)
+    for overrides, word in ((dict(SEED=7), 'seed'), (dict(RESIZE=72), 'resize')):
+        with pytest.raises(UserError, match=f"other settings or data .*{word}") as err:
+            extract.extract(settings_for(tiny, **overrides))
+        assert '\n' not in str(err.value) and str(path) in str(err.value)
+    assert stamp(path) == before
+    # the same settings on a copy of the data with one pair fewer: other data
+    folder = tmp_path / 'mir'
+    write_dcmh(folder, MIR_NAMES, n=N_PAIRS - 1)
+    os.link(path, extract.output_path(settings_for(folder)))
+    os.link(path + '.json', extract.output_path(settings_for(folder)) + '.json')
+    with pytest.raises(UserError, match='pairs: 24 there, 23 now'):
+        extract.extract(settings_for(folder))
+    os.remove(extract.output_path(settings_for(folder)) + '.json')
+    with pytest.raises(UserError, match='record of what it was extracted from'):
+        extract.extract(settings_for(folder))
+    assert stamp(path) == before and not os.path.exists(path + '.lock')
+
+
+def test_second_extract_on_the_same_output_is_refused(tiny, tmp_path):
+    folder = tmp_path / 'mir'
+    copy_dataset(tiny, folder)
+    cfg = settings_for(folder)
+    holder = hold_lock(extract.output_path(cfg) + '.lock')
+    try:
+        with pytest.raises(UserError, match=f"in use by another extract.py .*{holder.pid}"):
+            extract.extract(cfg)
+    finally:
+        release(holder)
+    assert not os.path.exists(extract.output_path(cfg) + '.partial')
+
+
+class FullDisk:
+    """The partial file, whose third write of rows finds the disk full."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:   # two batches of 5 rows, then this one
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_full_disk_is_one_line_and_resumes(tiny, uninterrupted, tmp_path, monkeypatch):
+    folder = tmp_path / 'mir'
+    copy_dataset(tiny, folder)
+    cfg = settings_for(folder)
+    final = extract.output_path(cfg)
+    real_open = extract.PartialFile.open
+
+    def open_on_a_full_disk(self, resume):
+        real_open(self, resume)
+        self.file = FullDisk(self.file)
+    monkeypatch.setattr(extract.PartialFile, 'open', open_on_a_full_disk)
+    with pytest.raises(UserError, match='no space left .* 10 rows done are kept') as err:
+        extract.extract(cfg)
+    assert '\n' not in str(err.value)
+    assert not os.path.exists(final) and not os.path.exists(final + '.lock')
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(extract.extract(cfg)), uninterrupted)
+
+
 def test_partial_file_of_another_device_is_not_resumed(tiny, uninterrupted, tmp_path,
                                                        monkeypatch, capsys):
     """Rows of a GPU and of the CPU round differently: never in one file. And the rows are
@@ -128,8 +206,8 @@ def test_partial_file_of_another_device_is_not_resumed(tiny, uninterrupted, tmp_
     monkeypatch.undo()
     with open(final + '.progress.json') as f:
         progress = json.load(f)
-    assert progress['identity']['device'] == 'cpu'
-    progress['identity']['device'] = 'cuda NVIDIA H200'   # as a GPU's partial file says
+    assert progress['device'] == 'cpu'
+    progress['device'] = 'cuda NVIDIA H200'   # as a GPU's partial file says
     with open(final + '.progress.json', 'w') as f:
         json.dump(progress, f)
     configured = []

@@ -159,9 +159,15 @@ def test_train_and_eval_on_image_and_text_features(tiny):
     assert again['map_all_t2i'] == results['map_all_t2i']
 
 
-def test_text_features_replace_the_text_vectors(tiny):
+def test_text_features_replace_the_text_vectors(tiny, tmp_path):
     base, _, text_features = tiny
     data = datasets.load(tiny_cfg(base, TEXT_FEATURES=str(base / 'txt.mat')), verbose=False)
+    np.testing.assert_array_equal(data.texts, text_features)
+    # from a .npy (a read-only memory map): copied, so that torch never warns about
+    # a non-writable array in the batches
+    np.save(tmp_path / 'txt.npy', text_features.astype(np.float32))
+    data = datasets.load(tiny_cfg(base, TEXT_FEATURES=str(tmp_path / 'txt.npy')), verbose=False)
+    assert data.texts.flags.writeable and not isinstance(data.texts, np.memmap)
     np.testing.assert_array_equal(data.texts, text_features)
 
 
@@ -176,7 +182,11 @@ def write_bad(path, array):
     ('rows', '159 rows, expected one per pair of the dataset (160)'),
     ('nan', 'row 3, column 2 is nan'),
     ('inf', 'row 7, column 0 is inf'),
-    ('1d', 'expected a 2-D numeric array'),
+    ('1d', 'expected a 2-D real-valued numeric array'),
+    ('no_columns', 'at least one column'),
+    ('complex', 'complex64'),
+    ('pickle', 'pickles are never loaded'),
+    ('pickle_mat', 'not a readable .npy, .mat or HDF5 file'),
     ('missing', 'no such file'),
 ])
 @pytest.mark.parametrize('setting', ['IMAGE_FEATURES', 'TEXT_FEATURES'])
@@ -191,8 +201,17 @@ def test_bad_feature_file_is_one_line_error(tiny, tmp_path, case, expected, sett
         array[7, 0] = np.inf
     elif case == '1d':
         array = array[:, 0]
+    elif case == 'no_columns':
+        array = array[:, :0]
+    elif case == 'complex':
+        array = array.astype(np.complex64)
     path = str(tmp_path / 'missing.npy') if case == 'missing' else \
         write_bad(tmp_path / 'bad.npy', array)
+    if case.startswith('pickle'):   # a pickle under a features file's name: never unpickled
+        import pickle
+        path = str(tmp_path / ('bad.mat' if case == 'pickle_mat' else 'bad.npy'))
+        with open(path, 'wb') as f:
+            pickle.dump(array, f)
     with pytest.raises(UserError) as err:
         datasets.load(tiny_cfg(base, **{setting: path}), verbose=False)
     message = str(err.value)

@@ -16,6 +16,7 @@ import demo
 import metric
 import search
 import settings
+import train
 from settings import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,6 +284,7 @@ def test_bad_runs_and_indexes(tiny_run, tmp_path):
     shutil.copytree(tiny_run, other)
     state = torch.load(other / 'checkpoint.pt', weights_only=True)
     state['txt_net']['fc2.bias'] += 1   # another run's networks
+    state[train.DIGEST_KEY] = train.checkpoint_digest(state)   # written so by train.py
     torch.save(state, other / 'checkpoint.pt')
     with pytest.raises(UserError, match='built from another run'):
         query(str(other), 'TEXT=red00')

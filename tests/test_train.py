@@ -3,7 +3,6 @@ after SIGKILL, Ctrl-C, a full disk, the lock, and the bad-input table. Runs go i
 (train.main) except where only a second process shows the point (SIGKILL, the command line).
 Interruptions are driven by events (a printed line, a step counter), never by a clock."""
 import errno
-import fcntl
 import gc
 import itertools
 import json
@@ -26,7 +25,7 @@ import metric
 import models
 import settings
 import train
-from conftest import config
+from conftest import config, hold_lock, release
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
@@ -272,17 +271,65 @@ def test_finished_run_is_reported_not_redone(tiny, reference, capsys):
     one_line_error(err, 'no optimiser state', 'KEEP_OPTIMIZER')
 
 
+def test_outputs_without_a_checkpoint_are_refused(tiny, reference, tmp_path, capsys):
+    """A finished run whose checkpoint was deleted, run again for more epochs, and a folder
+    of the user's given as RUN_NAME: one line, nothing written. What a start killed before
+    its first checkpoint leaves is started over."""
+    base, args = tiny
+    runs = tmp_path / 'runs'
+    deleted = runs / 'deleted'
+    shutil.copytree(reference[0], deleted)
+    (deleted / 'checkpoint.pt').unlink()
+    mine = runs / 'mine'
+    (mine / 'codes').mkdir(parents=True)
+    (mine / 'codes' / 'epoch_001.npz').write_bytes(b'my codes')
+    (mine / 'metrics.jsonl').write_text('{"epoch": 1, "loss": 0.5}\n')
+    (mine / 'eval.json').write_text('{}')
+    def files(folder):   # the lock file apart: taking the lock writes the taker's id
+        return {p: stamp(p) for p in folder.rglob('*') if p.name != train.LOCK_NAME}
+    for folder, extra in ((deleted, ['NUM_EPOCH=3']), (mine, [])):
+        before = files(folder)
+        code, _, err = cli(args + extra + [f"OUT_DIR={str(runs)!r}", f"RUN_NAME={folder.name!r}"],
+                           capsys)
+        assert code == 2
+        one_line_error(err, str(folder), 'no checkpoint', 'RESUME=False')
+        assert files(folder) == before
+    assert not (mine / train.LOCK_NAME).exists()
+    killed = runs / 'killed_at_start'
+    (killed / 'codes').mkdir(parents=True)
+    for name in ('settings.json', 'split.npz', 'codes/epoch_000.npz'):
+        shutil.copy(reference[0] / name, killed / name)
+    untrained = (reference[0] / 'metrics.jsonl').read_text().splitlines()[0]
+    assert json.loads(untrained)['untrained']
+    (killed / 'metrics.jsonl').write_text(untrained + '\n')
+    run = train.Run(settings.resolve(args + [f"OUT_DIR={str(runs)!r}", "RUN_NAME='killed_at_start'"]))
+    run.refuse_outputs_without_checkpoint()   # ours, from before the first checkpoint
+    (killed / 'timing.json').write_text('{}')
+    with pytest.raises(settings.UserError, match='timing.json'):
+        run.refuse_outputs_without_checkpoint()
+
+
 def test_run_directory_lock(tiny, reference, capsys):
     base, args = tiny
     run_dir, _ = reference
-    fd = os.open(run_dir / train.LOCK_NAME, os.O_RDWR)
+    holder = hold_lock(run_dir / train.LOCK_NAME)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # as a second train.py would
         code, _, err = cli(args + where(base, 'ref'), capsys)
         assert code == 2
-        one_line_error(err, 'in use by another train.py', str(run_dir))
+        one_line_error(err, 'in use by another train.py', str(run_dir), f'process {holder.pid}')
     finally:
-        os.close(fd)   # the OS releases the lock with the descriptor (or the process)
+        release(holder)   # the OS releases the lock with the process
+    # a lock file that names a process which has ended (the holder has not yet written
+    # its own id): said so, not "in use by process N"
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait()
+    holder = hold_lock(run_dir / train.LOCK_NAME, names_pid=ended.pid)
+    try:
+        code, _, err = cli(args + where(base, 'ref'), capsys)
+        assert code == 2
+        one_line_error(err, str(run_dir), f'process {ended.pid}, which has ended')
+    finally:
+        release(holder)
     code, out, _ = cli(args + where(base, 'ref'), capsys)
     assert code == 0 and 'finished already' in out
 
@@ -336,6 +383,49 @@ def test_sigkill_then_resume_gives_identical_results(tiny, reference):
     assert {'opt_img', 'opt_txt', 'rng'} <= set(state)   # KEEP_OPTIMIZER=True
 
 
+# train.py with a line printed after each batch: the event a kill in mid-epoch waits for.
+PRINTS_BATCHES = """
+import sys
+import settings, train
+real = train.Session.train_step
+def train_step(self, images, texts):
+    loss = real(self, images, texts)
+    print('trained a batch', flush=True)
+    return loss
+train.Session.train_step = train_step
+settings.run_cli(train.main, sys.argv[1:])
+"""
+
+
+def test_sigkill_mid_epoch_with_workers_then_immediate_resume(tiny):
+    """Killed in the middle of an epoch while its loader worker lives: started again at
+    once, the run takes the lock (the orphaned worker never held it), resumes, and ends
+    with the results of an uninterrupted run with the same worker count (one epoch: the
+    worker's random crops differ from those drawn in the main process)."""
+    base, args = tiny
+    args = args + ['NUM_WORKERS=1', 'EVAL_UNTRAINED=False', 'NUM_EPOCH=1']
+    train_here(args, base, 'workers_ref')
+    cmd = [sys.executable, '-c', PRINTS_BATCHES, *args, *where(base, 'workers_killed')]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, 'PYTHONPATH': ROOT})
+    seen, batches = [], 0
+    for line in proc.stdout:
+        seen.append(line)
+        batches += line.startswith('trained a batch')
+        if batches == 2:   # two of the epoch's three batches
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, ''.join(seen)
+    stdout = train_here(args, base, 'workers_killed')
+    assert 'resumed from' in stdout and 'at epoch 0, step 0' in stdout
+    run_dir = base / 'runs' / 'workers_killed'
+    same_codes_as_reference(base / 'runs' / 'workers_ref', run_dir)
+    assert ((run_dir / 'results.json').read_bytes()
+            == (base / 'runs' / 'workers_ref' / 'results.json').read_bytes())
+    assert metrics(run_dir) == ([1], [1])
+
+
 def interrupt_at_step(monkeypatch, step):
     """Ctrl-C (a real SIGINT to this process) right after the step-th batch trained here."""
     real = train.Session.train_step
@@ -349,14 +439,29 @@ def interrupt_at_step(monkeypatch, step):
     monkeypatch.setattr(train.Session, 'train_step', train_step)
 
 
+class FailingWriter:
+    """A file whose third write does `action` first: torch.save, writing through it, then
+    fails with a RuntimeError of its own ("unexpected pos")."""
+
+    def __init__(self, f, action):
+        self.f, self.action, self.writes = f, action, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            self.action()
+        return self.f.write(data)
+
+    def flush(self):
+        return self.f.flush()
+
+
 def fail_save(monkeypatch, call, action):
-    """Make the call-th torch.save of this run do `action` instead (or before) saving."""
+    """Make the call-th torch.save of this run do `action` in the middle of writing."""
     real, count = torch.save, itertools.count(1)
 
     def save(obj, f):
-        if next(count) == call:
-            action()
-        return real(obj, f)
+        return real(obj, FailingWriter(f, action) if next(count) == call else f)
     monkeypatch.setattr(torch, 'save', save)
 
 
@@ -405,6 +510,22 @@ def test_full_disk_then_ctrl_c_twice_then_resume_is_exact(tiny, reference, capsy
     assert code == 0 and 'resumed from' in out and 'epoch 0, step 2' in out
     same_codes_as_reference(reference[0], run_dir)
     assert metrics(run_dir) == ([1, 2], [0, 1, 2])
+
+
+def test_full_disk_at_the_first_checkpoint_leaves_no_run_folder(tiny, tmp_path, capsys):
+    base, args = tiny
+    argv = args + [f"OUT_DIR={str(tmp_path / 'runs')!r}", "RUN_NAME='full'"]
+    with pytest.MonkeyPatch.context() as mp:
+        fail_save(mp, 1, disk_full)
+        code, _, err = cli(argv, capsys)
+    assert code == 2
+    one_line_error(err, 'no space left', 'checkpoint.pt')
+    assert not (tmp_path / 'runs').exists()   # settings, split, untrained codes: all gone
+    (tmp_path / 'runs' / 'full').mkdir(parents=True)   # a folder that was there before stays
+    with pytest.MonkeyPatch.context() as mp:
+        fail_save(mp, 1, disk_full)
+        code, _, err = cli(argv, capsys)
+    assert code == 2 and list((tmp_path / 'runs' / 'full').iterdir()) == []
 
 
 def test_ctrl_c_while_loading_or_in_the_untrained_evaluation(tiny, monkeypatch, capsys):
@@ -462,6 +583,8 @@ def copy_data(tiny, tmp_path, how):
     if how == 'labels':
         labels[0, 0] = 2
         scipy.io.savemat(lall, {'LAll': labels})
+    elif how == 'no_labels':
+        scipy.io.savemat(lall, {'LAll': np.zeros_like(labels)})
     elif how == 'key':
         scipy.io.savemat(yall, {'XAll': texts})
     elif how == 'count':
@@ -503,10 +626,16 @@ def checkpoint_copy(reference, tmp_path, how):
     elif how == 'truncated':
         with open(reference[0] / 'checkpoint.pt', 'rb') as f:
             ckpt.write_bytes(f.read(100_000))
-    elif how == 'text_width':
+    elif how == 'text_width':   # written so, with its digest: another run's checkpoint
         state = torch.load(reference[0] / 'checkpoint.pt', weights_only=True)
         state['txt_net']['fc1.weight'] = state['txt_net']['fc1.weight'][:, :299].clone()
+        state[train.DIGEST_KEY] = train.checkpoint_digest(state)
         torch.save(state, ckpt)
+    elif how == 'changed_bytes':   # two bytes changed on disk inside a weight tensor
+        raw = bytearray((reference[0] / 'checkpoint.pt').read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        raw[len(raw) // 2 + 4096] ^= 0x01
+        ckpt.write_bytes(bytes(raw))
     return ckpt
 
 
@@ -551,6 +680,7 @@ BAD_INPUTS = {
                             unreadable(t[0] / 'demo' / 'mirflickr25k-lall.mat', mp)
                             or [f"DATA_DIR={str(t[0] / 'demo')!r}"])),
     'labels_not_binary': (OWN, ['LAll'], 'labels'),
+    'labels_all_zero': (OWN, ['no query pair has a label', 'every mAP is 0'], 'no_labels'),
     'wrong_key': (OWN, ['YAll'], 'key'),
     'counts_disagree': (OWN, ['mirflickr25k-'], 'count'),
     'zero_pairs': (OWN, ['0 pairs'], 'zero_pairs'),
@@ -571,6 +701,12 @@ BAD_INPUTS = {
     'ckpt_truncated': (OWN[:1] + ["RUN_NAME='copy'"], ['cannot be read', 'RESUME=False'],
                        'ckpt:truncated'),
     'ckpt_text_width': (OWN[:1] + ["RUN_NAME='copy'"], ['299-d', '300-d'], 'ckpt:text_width'),
+    'ckpt_changed_bytes': (OWN[:1] + ["RUN_NAME='copy'"], ['checkpoint.pt', 'digest'],
+                           'ckpt:changed_bytes'),
+    'eval_ckpt_truncated': (OWN[:1] + ["RUN_NAME='copy'", 'EVAL=True'], ['cannot be read'],
+                            'ckpt:truncated'),
+    'eval_ckpt_changed_bytes': (OWN[:1] + ["RUN_NAME='copy'", 'EVAL=True'], ['digest'],
+                                'ckpt:changed_bytes'),
 }
 
 
@@ -593,6 +729,7 @@ def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, monke
     run_dir = reference[0]
     extra, words, setup = BAD_INPUTS[case]
     extra = [a.replace('{tmp}', str(tmp_path)) for a in extra]
+    copy = tmp_path / 'runs' / 'copy'
     if isinstance(setup, str) and setup.startswith('ckpt:'):
         checkpoint_copy(reference, tmp_path, setup[5:])
     elif isinstance(setup, str):
@@ -601,26 +738,35 @@ def test_bad_input_one_line_and_nothing_damaged(tiny, reference, tmp_path, monke
         extra = extra + setup(tiny, reference, tmp_path, monkeypatch)
     before = {name: stamp(run_dir / name) for name in ('checkpoint.pt', 'results.json')}
     demo_before = {p.name: stamp(p) for p in (base / 'demo').iterdir()}
+    copy_before = {p.name: stamp(p) for p in copy.iterdir()} if copy.exists() else None
     code, _, err = cli(args + where(base, 'ref') + extra, capsys)
     assert code == 2
     one_line_error(err, *words)
     assert {name: stamp(run_dir / name) for name in before} == before
     assert {p.name: stamp(p) for p in (base / 'demo').iterdir()} == demo_before
     assert not (tmp_path / 'runs' / 'own').exists()   # a failed start leaves no folder
+    if copy_before is not None:   # nor a lock file in the folder it refused
+        assert {p.name: stamp(p) for p in copy.iterdir()} == copy_before
 
 
-def test_loader_worker_error_is_one_line(tiny, tmp_path, capsys):
+def test_loader_worker_error_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     """A corrupt block in the middle of IAll passes the load (no image is read there) and
-    fails in a loader worker: the user sees the worker's one line, naming file and image."""
+    fails in a loader worker: the user sees the worker's one line, naming file and image.
+    The workers are stopped before the error leaves (no pymp-* folder of theirs is left in
+    the temp directory), and the run folder of this failed start is gone."""
+    import tempfile
     base, args = tiny
     folder = copy_data(tiny, tmp_path, 'corrupt_middle')
-    argv = args + [f"DATA_DIR={str(folder)!r}", 'NUM_WORKERS=1',
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))   # the workers' too
+    argv = args + [f"DATA_DIR={str(folder)!r}", 'NUM_WORKERS=2',
                    f"OUT_DIR={str(tmp_path / 'runs')!r}", "RUN_NAME='worker'"]
     code, _, err = cli(argv, capsys)
     assert code == 2
     one_line_error(err, 'mirflickr25k-iall.mat', 'cannot read image')
     assert 'Traceback' not in err and 'DataLoader worker' not in err
-    assert not (tmp_path / 'runs' / 'worker' / 'checkpoint.pt').exists()
+    assert not (tmp_path / 'runs').exists()
+    assert [p.name for p in (tmp_path / 'tmp').iterdir() if p.name.startswith('pymp-')] == []
 
 
 def test_full_check_reads_every_image(tiny, tmp_path, capsys):
@@ -648,12 +794,27 @@ def test_demo_never_overwrites_other_files(tmp_path, capsys):
         demo.make_demo(str(real), n_pairs=40)   # prepare.py DATASET=DEMO's way in
     assert {p.name: p.read_bytes() for p in real.iterdir()} == before
 
+    # files of the user's named like the generator's temporaries: refused, untouched
+    tmps = tmp_path / 'tmps'
+    tmps.mkdir()
+    (tmps / 'mirflickr25k-iall.mat.tmp').write_bytes(b'mine')
+    with pytest.raises(settings.UserError, match='mirflickr25k-iall.mat.tmp'):
+        demo.make_demo(str(tmps), n_pairs=40)
+    assert [p.name for p in tmps.iterdir()] == ['mirflickr25k-iall.mat.tmp']
+    assert (tmps / 'mirflickr25k-iall.mat.tmp').read_bytes() == b'mine'
+
     folder = tmp_path / 'demo'
     demo.make_demo(str(folder), n_pairs=40)
     assert (folder / demo.DEMO_MARKER).exists()
     (folder / 'mirflickr25k-lall.mat').unlink()   # a previous DEMO, partly deleted
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait()   # what a generation killed mid-way leaves, and extract.py's features
+    (folder / f'mirflickr25k-yall.mat.tmp{ended.pid}').write_bytes(b'half a file')
+    (folder / 'demo-alexnet-random-fc7-64px.npy').write_bytes(b'features')
     data = datasets.load(config('DEMO', folder, BATCH_SIZE=4), verbose=False)
     assert len(data.labels) == demo.DEMO_PAIRS   # generated again, in full
+    assert not (folder / f'mirflickr25k-yall.mat.tmp{ended.pid}').exists()
+    assert (folder / 'demo-alexnet-random-fc7-64px.npy').read_bytes() == b'features'
     (folder / 'mirflickr25k-yall.mat').write_bytes(b'edited by hand')   # no longer ours
     (folder / 'mirflickr25k-iall.mat').unlink()
     with pytest.raises(settings.UserError, match='mirflickr25k-yall.mat'):
