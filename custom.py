@@ -126,6 +126,11 @@ class Row:
     labels: list             # label names; [] when the pair has none
 
 
+def find_files(cfg, need_images=True):
+    """The manifest of DATA_DIR, found without reading it (reproduce.py's check)."""
+    return [manifest_path(cfg.DATA_DIR)]
+
+
 def manifest_path(data_dir):
     """The one manifest of DATA_DIR."""
     found = [name for name in MANIFESTS if os.path.isfile(os.path.join(data_dir, name))]
