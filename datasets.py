@@ -151,6 +151,8 @@ def check_sizes(data, cfg, train):
             raise UserError(f"{problem}; use a smaller BATCH_SIZE or more data")
         data.warnings.append(problem)
     labelled = data.labels.any(1)
+    if data.dataset == 'Custom' and not labelled.any():
+        return   # labels are optional there: evaluated by own-pair recall alone
     for part in ('query', 'database'):
         if not labelled[getattr(data, part)].any():
             problem = (f"{where}: no {part} pair has a label, so no item can be relevant to "
