@@ -403,16 +403,28 @@ def write_loader_replica(folder, chunk, n=LOADER_PAIRS, size=LOADER_SIZE, seed=0
 
 
 def timed_pass(make_loader, seconds=0):
-    """(images, seconds) of one pass over a loader, make_loader() included (it starts the
-    workers; for training it may fill a cache). seconds > 0 stops after about that long."""
+    """(images, wall seconds, CPU seconds) of one pass over a loader, make_loader() included
+    (it starts the workers; for training it may fill a cache). The CPU seconds are this
+    process's and its workers' (counted when they exit): what the pass costs on cores of its
+    own, whatever else the machine runs. seconds > 0 stops after about that long."""
+    import gc
+    import resource
     import datasets
-    start = time.perf_counter()
+    def children():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+    start, start_cpu, start_children = time.perf_counter(), time.process_time(), children()
+    loader = make_loader()
     count = 0
-    for batch in datasets.batches(make_loader()):
+    for batch in datasets.batches(loader):
         count += len(batch[0])
         if seconds and time.perf_counter() - start > seconds:
             break
-    return count, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    del loader, batch
+    gc.collect()   # the loader's iterator shuts its workers down and waits for them
+    cpu = time.process_time() - start_cpu + children() - start_children
+    return count, wall, cpu
 
 
 def bench_loader(cfg, epochs=2, seconds=0):
@@ -439,20 +451,28 @@ def bench_loader(cfg, epochs=2, seconds=0):
 
 
 def print_loader(r):
+    """The two lines `loader train:` (the first epoch, which reads the file) and `loader
+    database:`, in images per CPU-second of the loading processes per worker: the rate of a
+    worker on a core of its own (the wall-clock rate, which depends on what else runs, is
+    on the lines below)."""
     s = r['storage']
     workers = r['workers']
     where = (f"chunks of {s.chunks}, {s.compression} {s.level}" if s else "a v5 file")
     print(f"== image loader: {r['dataset']} in {r['data_dir']} ({where}); "
           f"{workers} worker{'s' * (workers > 1)} ==")
-    rates = [n / t / workers for n, t in r['epochs']]
-    print(f"loader train: {rates[0]:.0f} images/s per worker")
-    for k, ((n, t), rate) in enumerate(zip(r['epochs'], rates), 1):
-        print(f"  train epoch {k}: {n} images in {t:.1f} s = {rate:.0f} images/s per worker"
-              + (" (reads the file)" if k == 1 else ""))
-    n, t = r['database']
-    print(f"loader database: {n / t / workers:.0f} images/s per worker")
-    print(f"  database: {n} of {r['n_database']} images in file order in {t:.1f} s; peak memory: "
-          f"main process {r['main_peak_bytes'] / 2 ** 30:.2f} GiB, largest worker "
+    def rate(n, cpu):
+        return n / cpu if cpu else float("nan")
+    n, wall, cpu = r['epochs'][0]
+    print(f"loader train: {rate(n, cpu):.0f} images/s per worker")
+    for k, (n, wall, cpu) in enumerate(r['epochs'], 1):
+        print(f"  train epoch {k}{' (reads the file)' if k == 1 else ''}: {n} images, "
+              f"{cpu:.1f} CPU-s ({rate(n, cpu):.0f} images/s per worker), {wall:.1f} s wall "
+              f"({n / wall:.0f} images/s)")
+    n, wall, cpu = r['database']
+    print(f"loader database: {rate(n, cpu):.0f} images/s per worker")
+    print(f"  database: {n} of {r['n_database']} images in file order, {cpu:.1f} CPU-s, "
+          f"{wall:.1f} s wall ({n / wall:.0f} images/s); peak memory: main process "
+          f"{r['main_peak_bytes'] / 2 ** 30:.2f} GiB, largest worker "
           f"{r['worker_peak_bytes'] / 2 ** 30:.2f} GiB")
 
 
