@@ -254,15 +254,15 @@ def feature_data(n_pairs=20015, n_train=5000, n_query=2000, img_dim=4096, txt_di
                  n_labels=24, seed=0):
     """MIRFlickr-sized data on features, in memory: non-negative image features (like fc7
     after ReLU), sparse 0/1 tags, multi-labels; query 2000, train 5000, database the rest."""
-    import datasets
     import features
+    import pairs
     rng = np.random.default_rng(seed)
     images = np.maximum(rng.standard_normal((n_pairs, img_dim), np.float32), 0)
     texts = (rng.random((n_pairs, txt_dim)) < 0.005).astype(np.float32)
     labels = (rng.random((n_pairs, n_labels)) < 0.15).astype(np.uint8)
     order = rng.permutation(n_pairs)
     query, database = np.sort(order[:n_query]), np.sort(order[n_query:])
-    return datasets.Data('MIRFlickr', texts, labels, features.FeatureRows(images, 'bench'),
+    return pairs.Data('MIRFlickr', texts, labels, features.FeatureRows(images, 'bench'),
                          query, database[:n_train], database, [], [])
 
 
@@ -310,13 +310,13 @@ def bench_extract(sizes=(128, 512), backbone='alexnet', crop=224):
     """Images per second of extract.py (random weights, one process) and its peak memory
     for growing N: the rows go to disk as they come, so the peak should not grow."""
     import tempfile
-    import datasets
+    import demo
     import extract
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             folder = os.path.join(tmp, f'n{n}')
-            datasets.make_demo(folder, n_pairs=n)
+            demo.make_demo(folder, n_pairs=n)
             cfg = settings.resolve(['DATASET=DEMO', f'DATA_DIR={folder!r}',
                                     f'BACKBONE={backbone!r}', 'PRETRAINED=False',
                                     f'CROP={crop}', f'RESIZE={max(crop, 256)}',

@@ -51,7 +51,10 @@ import numpy as np
 from PIL import Image
 
 import datasets
+import dcmh
+import demo
 import matfile
+import pairs
 import settings
 from settings import UserError
 
@@ -66,7 +69,7 @@ SETTINGS = dict(
     REPACK=False,            # convert DATA_DIR's IAll to one image per HDF5 chunk (no download)
 )
 IMAGE_BLOCK = 2048                   # images decoded per round of the worker pool
-# What a damaged download makes zipfile and zlib raise (a bad image: datasets.IMAGE_ERRORS).
+# What a damaged download makes zipfile and zlib raise (a bad image: pairs.IMAGE_ERRORS).
 ARCHIVE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
                   RuntimeError)   # the last two: an unsupported compression, an encrypted zip
 
@@ -149,7 +152,7 @@ def decode(args):
         with Image.open(io.BytesIO(raw)) as img:
             img = img.convert('RGB').resize((size, size), Image.BICUBIC)
             return np.asarray(img, np.uint8)
-    except datasets.IMAGE_ERRORS:
+    except pairs.IMAGE_ERRORS:
         return None
 
 
@@ -309,7 +312,7 @@ def write_dcmh(cfg, dataset, tree, rels, texts, labels, yall_v73):
     kept. Returns (path prefix of the side files, which of `rels` were kept)."""
     out = cfg.DATA_DIR
     os.makedirs(out, exist_ok=True)
-    iall, yall, lall = (os.path.join(out, name) for name in datasets.DCMH_FILES[dataset])
+    iall, yall, lall = (os.path.join(out, name) for name in dcmh.DCMH_FILES[dataset])
     print(f"  writing {len(rels)} images of {cfg.SIZE} x {cfg.SIZE} to {iall}")
     ok = write_images(iall, tree, rels, cfg.SIZE, cfg.WORKERS)
     report_dropped(rels, ok, tree)
@@ -465,8 +468,8 @@ def main(argv):
     elif dataset == 'NUSWIDE':
         build_nuswide(cfg)
     elif dataset == 'DEMO':
-        datasets.make_demo(cfg.DATA_DIR)
-        print(f"DEMO: wrote {datasets.DEMO_PAIRS} generated pairs to {cfg.DATA_DIR}")
+        demo.make_demo(cfg.DATA_DIR)
+        print(f"DEMO: wrote {demo.DEMO_PAIRS} generated pairs to {cfg.DATA_DIR}")
     else:
         print("Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
               "into DATA_DIR); checking it")

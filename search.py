@@ -28,8 +28,11 @@ import types
 import numpy as np
 
 import datasets
+import dcmh
+import demo
 import matfile
 import settings
+import wiki
 from settings import UserError
 
 SETTINGS = dict(
@@ -51,7 +54,7 @@ COMMANDS = ('index', 'query')
 MODALITIES = ('image', 'text')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 QUERY_CHUNK_BYTES = 2 ** 28  # distances and ids of one chunk of queries (evaluation)
-# Label names of the DEMO set: the colour each label paints (datasets.DEMO_COLOURS).
+# Label names of the DEMO set: the colour each label paints (demo.DEMO_COLOURS).
 DEMO_LABEL_NAMES = ('red', 'green', 'blue', 'yellow', 'magenta', 'cyan', 'orange', 'white')
 
 
@@ -447,22 +450,22 @@ def vocabulary(run, opts):
 
 def side_file(cfg, what):
     """prepare.py's side files: <DCMH prefix>-tags.txt and <DCMH prefix>-labels.txt."""
-    return datasets.DCMH_FILES[cfg.DATASET][0].replace('-iall.mat', f'-{what}.txt')
+    return dcmh.DCMH_FILES[cfg.DATASET][0].replace('-iall.mat', f'-{what}.txt')
 
 
 def demo_vocabulary():
     """Names for the DEMO tags: label k owns DEMO_TAGS_PER_LABEL tags (its colour and a
-    number), the rest are noise tags (datasets.demo_texts)."""
-    per = datasets.DEMO_TAGS_PER_LABEL
-    words = [f"{DEMO_LABEL_NAMES[k]}{j:02d}" for k in range(datasets.DEMO_LABELS)
+    number), the rest are noise tags (demo.demo_texts)."""
+    per = demo.DEMO_TAGS_PER_LABEL
+    words = [f"{DEMO_LABEL_NAMES[k]}{j:02d}" for k in range(demo.DEMO_LABELS)
              for j in range(per)]
-    return words + [f"noise{j:02d}" for j in range(datasets.DEMO_TAGS - len(words))]
+    return words + [f"noise{j:02d}" for j in range(demo.DEMO_TAGS - len(words))]
 
 
 def label_names(run, opts, n_labels):
     cfg = run.cfg
     if cfg.DATASET == 'Wiki':
-        return list(datasets.WIKI_CATEGORIES)
+        return list(wiki.WIKI_CATEGORIES)
     if cfg.DATASET == 'DEMO':
         return list(DEMO_LABEL_NAMES)
     path = os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side_file(cfg, 'labels'))

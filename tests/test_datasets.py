@@ -16,9 +16,12 @@ from torchvision import transforms as T
 import cv2
 
 import datasets
+import demo
 import matfile
 import metric
+import pairs
 import settings
+import wiki
 from conftest import (MIR_NAMES, NUS_NAMES, PUBLISHED_LAYOUTS, blue_of, config,
                       pattern_image, save_v5, save_v73, tiny_texts_labels, write_dcmh,
                       write_published, write_wiki)
@@ -150,7 +153,7 @@ def test_wiki_lists_texts_labels_images(layouts):
         img = data.images[i]
         assert img.ndim == 3 and img.shape[2] == 3           # grey picture 1 comes as RGB
         assert img[:3, :, 0].mean() > 200 and img[-3:, :, 0].mean() < 50   # upright
-        expected = os.path.join(folder, 'images', datasets.WIKI_CATEGORIES[cats[i]],
+        expected = os.path.join(folder, 'images', wiki.WIKI_CATEGORIES[cats[i]],
                                 names[i] + '.jpg')
         np.testing.assert_array_equal(img, cv2.imread(expected)[..., ::-1])
 
@@ -176,7 +179,7 @@ def test_wiki_images_decode_as_opencv(tmp_path, kind):
     path = str(tmp_path / f'{kind}.jpg')
     wiki_jpeg(path, kind)
     expected = cv2.imread(path)[..., ::-1]     # the authors: cv2.imread, then BGR -> RGB
-    images = datasets.FileImages([path])
+    images = pairs.FileImages([path])
     np.testing.assert_array_equal(images[0], expected)
     np.testing.assert_array_equal(np.asarray(images.pil(0)), expected)
     assert images.pil(0).mode == 'RGB'
@@ -190,8 +193,8 @@ def test_in_memory_equals_lazy(layouts):
     folder = layouts['MIRFlickr'][0]
     lazy = datasets.load(config('MIRFlickr', folder), verbose=False)
     held = datasets.load(config('MIRFlickr', folder, IN_MEMORY=True), verbose=False)
-    assert isinstance(lazy.images, datasets.H5Images)
-    assert isinstance(held.images, datasets.ArrayImages)
+    assert isinstance(lazy.images, pairs.H5Images)
+    assert isinstance(held.images, pairs.ArrayImages)
     assert held.images.array.dtype == np.uint8 and held.images.array.shape == (60, 20, 12, 3)
     for i in range(60):
         np.testing.assert_array_equal(held.images[i], lazy.images[i])
@@ -280,7 +283,7 @@ def test_split_tiny_hand_made():
 
 @pytest.mark.parametrize('n,sizes', [(240, (24, 120, 216)), (2000, (200, 1000, 1800))])
 def test_split_demo_scaled(n, sizes):
-    labels = datasets.demo_labels(np.random.default_rng(0), n)
+    labels = demo.demo_labels(np.random.default_rng(0), n)
     q, t, d = datasets.split_indices(labels, 'DEMO', 0)
     check_split(q, t, d, n, sizes[0], sizes[1])
     assert len(d) == sizes[2]
@@ -379,7 +382,7 @@ def test_one_hdf5_handle_per_process(layouts, monkeypatch):
     assert data.images._file is None      # load() left no handle open
     opened = []
     real = h5py.File
-    monkeypatch.setattr(datasets.h5py, 'File', lambda *a, **k: opened.append(a) or real(*a, **k))
+    monkeypatch.setattr(pairs.h5py, 'File', lambda *a, **k: opened.append(a) or real(*a, **k))
     for _ in datasets.make_loader(data, 'database', cfg):
         pass
     assert len(opened) == 1                # once for 54 images, not once per image
@@ -505,7 +508,7 @@ def test_check_one_line_error(tmp_path, capsys, how):
 
 def broken_wiki(folder, how):
     names, cats, _ = write_wiki(folder, n_train=6, n_test=3)
-    image = os.path.join(folder, 'images', datasets.WIKI_CATEGORIES[cats[2]], names[2] + '.jpg')
+    image = os.path.join(folder, 'images', wiki.WIKI_CATEGORIES[cats[2]], names[2] + '.jpg')
     if how == 'not_an_image':
         with open(image, 'w') as f:
             f.write('this is not a picture\n')
@@ -594,7 +597,7 @@ def test_a_bug_is_not_reported_as_a_bad_file(layouts, monkeypatch, capsys, where
     elif where == 'wiki_opencv':
         monkeypatch.setattr(cv2, 'imread', boom)
     else:
-        monkeypatch.setattr(datasets.Image, 'open', boom)
+        monkeypatch.setattr(pairs.Image, 'open', boom)
     with pytest.raises(ZeroDivisionError):      # not UserError, not SystemExit(2)
         settings.run_cli(datasets.main, argv)
     assert 'error:' not in capsys.readouterr().err
@@ -603,8 +606,8 @@ def test_a_bug_is_not_reported_as_a_bad_file(layouts, monkeypatch, capsys, where
 # ===== DEMO =====
 
 def test_make_demo_layout_and_determinism(tmp_path):
-    datasets.make_demo(str(tmp_path / 'a'), n_pairs=400, seed=3)
-    datasets.make_demo(str(tmp_path / 'b'), n_pairs=400, seed=3)
+    demo.make_demo(str(tmp_path / 'a'), n_pairs=400, seed=3)
+    demo.make_demo(str(tmp_path / 'b'), n_pairs=400, seed=3)
     a = datasets.load(config('DEMO', tmp_path / 'a'), verbose=False)
     b = datasets.load(config('DEMO', tmp_path / 'b'), verbose=False)
     np.testing.assert_array_equal(a.texts, b.texts)
@@ -612,20 +615,20 @@ def test_make_demo_layout_and_determinism(tmp_path):
         np.testing.assert_array_equal(a.images[i], b.images[i])
     with open(tmp_path / 'a' / MIR_NAMES[0], 'rb') as f:
         assert f.read(19) == b'MATLAB 7.3 MAT-file'
-    assert a.images[0].shape == (datasets.DEMO_SIZE, datasets.DEMO_SIZE, 3)
-    assert a.texts.shape == (400, datasets.DEMO_TAGS)
-    assert a.labels.shape == (400, datasets.DEMO_LABELS)
+    assert a.images[0].shape == (demo.DEMO_SIZE, demo.DEMO_SIZE, 3)
+    assert a.texts.shape == (400, demo.DEMO_TAGS)
+    assert a.labels.shape == (400, demo.DEMO_LABELS)
     assert (a.labels.sum(1) >= 1).all() and (a.labels.sum(1) <= 3).all()
     assert scipy.io.loadmat(tmp_path / 'a' / MIR_NAMES[2])['LAll'].shape == (400, 8)
 
 
 def test_demo_modalities_carry_the_labels(tmp_path):
-    datasets.make_demo(str(tmp_path), n_pairs=300, seed=0)
+    demo.make_demo(str(tmp_path), n_pairs=300, seed=0)
     data = datasets.load(config('DEMO', tmp_path), verbose=False)
     images = np.stack([data.images[i] for i in range(300)]).astype(np.float32)
-    masks = datasets.demo_masks()
-    per = datasets.DEMO_TAGS_PER_LABEL
-    for k, colour in enumerate(datasets.DEMO_COLOURS):
+    masks = demo.demo_masks()
+    per = demo.DEMO_TAGS_PER_LABEL
+    for k, colour in enumerate(demo.DEMO_COLOURS):
         has = data.labels[:, k] == 1
         # image: the label's cell is close to the label's colour when present
         cell = masks[k] > 0
@@ -637,12 +640,12 @@ def test_demo_modalities_carry_the_labels(tmp_path):
     # not trivial: some present labels are not painted, so the cell test is imperfect
     k = 0
     has = data.labels[:, k] == 1
-    dist = np.abs(images[:, masks[k] > 0] - np.array(datasets.DEMO_COLOURS[0])).mean((1, 2))
+    dist = np.abs(images[:, masks[k] > 0] - np.array(demo.DEMO_COLOURS[0])).mean((1, 2))
     assert (dist[has] > 60).any()
 
 
 def test_load_generates_demo_on_first_use(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(datasets, 'DEMO_PAIRS', 240)
+    monkeypatch.setattr(demo, 'DEMO_PAIRS', 240)
     data = datasets.load(config('DEMO', tmp_path / 'demo'))
     assert 'DEMO: generating 240 pairs' in capsys.readouterr().out
     assert (len(data.query), len(data.train), len(data.database)) == (24, 120, 216)

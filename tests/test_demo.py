@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import datasets
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +25,7 @@ def distinct_rows(codes):
 def test_distinct_codes_reported(tmp_path):
     """results.json, metrics.jsonl and the printed line carry the numbers of distinct image
     and text codes among the database items, counted as in the saved codes file."""
-    datasets.make_demo(str(tmp_path / 'demo'), n_pairs=160)
+    demo.make_demo(str(tmp_path / 'demo'), n_pairs=160)
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), 'DATASET=DEMO',
            f"DATA_DIR={str(tmp_path / 'demo')!r}", 'BATCH_SIZE=16', 'CODE_LEN=8',
            'NUM_EPOCH=1', 'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64', f"OUT_DIR={str(tmp_path)!r}",

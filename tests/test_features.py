@@ -10,9 +10,11 @@ import scipy.io
 import torch
 
 import datasets
+import demo
 import features
 import metric
 import models
+import published
 import settings
 import train
 from conftest import MIR_NAMES, config, save_v73, tiny_texts_labels, write_dcmh
@@ -71,7 +73,7 @@ def tiny(tmp_path_factory):
     """A 160-pair generated dataset in the MIRFlickr layout without its image file (so the
     scaled-down split: 16 query, 80 train), and feature files for it."""
     base = tmp_path_factory.mktemp('feat')
-    datasets.make_demo(str(base / 'demo'), n_pairs=N_PAIRS)
+    demo.make_demo(str(base / 'demo'), n_pairs=N_PAIRS)
     os.remove(base / 'demo' / MIR_NAMES[0])   # feature mode must not need the images
     rng = np.random.default_rng(0)
     image_features = rng.random((N_PAIRS, 24)).astype(np.float32)
@@ -217,7 +219,7 @@ def cli_args(base, name, **extra):
 def test_width_change_and_switches_are_refused_on_resume(tiny, tmp_path, capsys):
     _, image_features, _ = tiny
     base = tmp_path
-    datasets.make_demo(str(base / 'demo'), n_pairs=N_PAIRS)   # with its images this time
+    demo.make_demo(str(base / 'demo'), n_pairs=N_PAIRS)   # with its images this time
     first = write_bad(tmp_path / 'a.npy', image_features)
     train.main(cli_args(base, 'switch', IMAGE_FEATURES=first, KEEP_OPTIMIZER=True))
     ckpt = base / 'runs' / 'switch' / 'checkpoint.pt'
@@ -349,7 +351,7 @@ def test_published_split_indices_out_of_range(tmp_path):
 
 def test_ucch_file_too_small_for_its_split(tmp_path):
     images, texts, labels = ucch_arrays(100)
-    for name, key, a in zip(features.UCCH_FILES['MIRFlickr'][0], features.UCCH_KEYS,
+    for name, key, a in zip(published.UCCH_FILES['MIRFlickr'][0], published.UCCH_KEYS,
                             (images, texts, labels)):
         scipy.io.savemat(tmp_path / name, {key: a})
     with pytest.raises(UserError, match='takes the last 2000 as queries'):

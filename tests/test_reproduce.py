@@ -247,9 +247,9 @@ REPRODUCE = Path(reproduce.__file__).resolve()
 
 @pytest.mark.slow  # four real train.py runs: about 25 s each on a busy 2-core machine
 def test_demo_grid_interrupted_and_resumed(tmp_path):
-    import datasets
+    import demo
     data, runs = tmp_path / 'demo', tmp_path / 'runs'
-    datasets.make_demo(data, n_pairs=80)
+    demo.make_demo(data, n_pairs=80)
     # Tiny settings: one epoch of a randomly initialised AlexNet on 64 x 64 crops.
     cmd = [sys.executable, str(REPRODUCE), '--table', 'demo', '--bits', '8', '16', '--seeds', '2',
            '--out-dir', str(runs), '--quiet', f'DATA_DIR={data}', 'NUM_EPOCH=1', 'BATCH_SIZE=8',

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import datasets
+import demo
 import metric
 import search
 import settings
@@ -125,7 +126,7 @@ def tiny_run(tmp_path_factory):
     """A 160-pair DEMO run (144 database pairs, 16 bits) trained one epoch in-process."""
     import train
     base = tmp_path_factory.mktemp('search')
-    datasets.make_demo(str(base / 'demo'), n_pairs=160)
+    demo.make_demo(str(base / 'demo'), n_pairs=160)
     cfg = settings.resolve(DATASET='DEMO', DATA_DIR=str(base / 'demo'), BATCH_SIZE=16,
                            CODE_LEN=16, NUM_EPOCH=1, NUM_WORKERS=0, EVAL_BATCH_SIZE=64,
                            EVAL_UNTRAINED=False, OUT_DIR=str(base / 'runs'), RUN_NAME='r',

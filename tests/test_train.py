@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import datasets
+import dcmh
+import demo
 import metric
 import models
 import settings
@@ -45,7 +47,7 @@ def tiny(tmp_path_factory):
     """A 96-pair demo dataset (9 query, 48 train, 87 database) and the settings of a run that
     takes seconds."""
     base = tmp_path_factory.mktemp('tiny')
-    datasets.make_demo(str(base / 'demo'), n_pairs=96)
+    demo.make_demo(str(base / 'demo'), n_pairs=96)
     args = ['DATASET=DEMO', f"DATA_DIR={str(base / 'demo')!r}", 'BATCH_SIZE=16', 'CODE_LEN=16',
             f'NUM_EPOCH={EPOCHS}', 'EVAL_INTERVAL=1', 'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64',
             'DETERMINISTIC=True', 'SEED=3']
@@ -603,26 +605,26 @@ def test_demo_never_overwrites_other_files(tmp_path, capsys):
     refused, the files untouched. A previous DEMO (its marker) is regenerated."""
     real = tmp_path / 'mirflickr'
     real.mkdir()
-    for name in datasets.DCMH_FILES['MIRFlickr'][:2]:
+    for name in dcmh.DCMH_FILES['MIRFlickr'][:2]:
         (real / name).write_bytes(b'3 GB of somebody\'s images')
     before = {p.name: p.read_bytes() for p in real.iterdir()}
     with pytest.raises(settings.UserError, match='not a generated DEMO'):
         datasets.load(config('DEMO', real), verbose=False)
     with pytest.raises(settings.UserError, match='not a generated DEMO'):
-        datasets.make_demo(str(real), n_pairs=40)   # prepare.py DATASET=DEMO's way in
+        demo.make_demo(str(real), n_pairs=40)   # prepare.py DATASET=DEMO's way in
     assert {p.name: p.read_bytes() for p in real.iterdir()} == before
 
-    demo = tmp_path / 'demo'
-    datasets.make_demo(str(demo), n_pairs=40)
-    assert (demo / datasets.DEMO_MARKER).exists()
-    (demo / 'mirflickr25k-lall.mat').unlink()   # a previous DEMO, partly deleted
-    data = datasets.load(config('DEMO', demo, BATCH_SIZE=4), verbose=False)
-    assert len(data.labels) == datasets.DEMO_PAIRS   # generated again, in full
-    (demo / 'mirflickr25k-yall.mat').write_bytes(b'edited by hand')   # no longer ours
-    (demo / 'mirflickr25k-iall.mat').unlink()
+    folder = tmp_path / 'demo'
+    demo.make_demo(str(folder), n_pairs=40)
+    assert (folder / demo.DEMO_MARKER).exists()
+    (folder / 'mirflickr25k-lall.mat').unlink()   # a previous DEMO, partly deleted
+    data = datasets.load(config('DEMO', folder, BATCH_SIZE=4), verbose=False)
+    assert len(data.labels) == demo.DEMO_PAIRS   # generated again, in full
+    (folder / 'mirflickr25k-yall.mat').write_bytes(b'edited by hand')   # no longer ours
+    (folder / 'mirflickr25k-iall.mat').unlink()
     with pytest.raises(settings.UserError, match='mirflickr25k-yall.mat'):
-        datasets.load(config('DEMO', demo), verbose=False)
-    assert (demo / 'mirflickr25k-yall.mat').read_bytes() == b'edited by hand'
+        datasets.load(config('DEMO', folder), verbose=False)
+    assert (folder / 'mirflickr25k-yall.mat').read_bytes() == b'edited by hand'
 
 
 def test_command_line_error_is_one_line():

@@ -1,0 +1,211 @@
+"""A dataset in memory, beneath every reader: the Data record, the image sources, and the
+checks that every source's texts and labels pass.
+
+Who owns what in the data layer (each module imports only those below it):
+
+    datasets.py   load(cfg) picks a reader; the loaders (Pairs, transforms, make_loader,
+                  batches, normalize); the check command (python datasets.py ...)
+    dcmh.py       MIRFlickr-25K, NUS-WIDE and DEMO in DCMH's .mat files; their split
+    wiki.py       Wiki: list files, raw_features.mat, one JPEG a pair
+    custom.py     a user's folder of image-text pairs (pairs.csv / pairs.jsonl)
+    published.py  UCCH's and DGCPN's published feature files, with their splits
+    demo.py       writes the generated DEMO dataset (in the MIRFlickr layout)
+    features.py   stored feature files (IMAGE_FEATURES, TEXT_FEATURES) and their batches
+    pairs.py      this file: Data, the image sources, check_labels, check_texts
+    matfile.py    MATLAB v5 / v7.3 files: reading, writing, orientation
+"""
+import dataclasses
+import os
+
+import h5py
+import numpy as np
+from PIL import Image
+
+import matfile
+from settings import UserError
+
+
+@dataclasses.dataclass
+class Data:
+    """A dataset in memory: texts and labels row-aligned with the images, and the split."""
+    dataset: str
+    texts: np.ndarray        # float32 (N, d_T)
+    labels: np.ndarray       # uint8 (N, c), 0/1
+    images: object           # H5Images, ArrayImages or FileImages: images[i] -> (H, W, 3) uint8
+    query: np.ndarray        # int64 indices into the N pairs
+    train: np.ndarray
+    database: np.ndarray
+    files: list              # (path, description) of every file read
+    warnings: list           # legal but suspicious things about the data
+    notes: list = dataclasses.field(default_factory=list)   # expected oddities, for information
+
+
+class H5Images:
+    """Images of a v7.3 IAll, read one at a time. The HDF5 handle is opened on first use in
+    each process (so each DataLoader worker opens its own, once) and never pickled."""
+
+    def __init__(self, var, layout):
+        self.path, self.key, self.layout = var.path, var.key, layout
+        self._file, self._pid = None, None
+
+    def __len__(self):
+        return self.layout.n
+
+    def _dataset(self):
+        if self._file is None or self._pid != os.getpid():  # a forked copy opens its own
+            self._file, self._pid = h5py.File(self.path, 'r'), os.getpid()
+        return self._file[self.key]
+
+    def __getitem__(self, i):
+        try:
+            return self.layout.image(self._dataset(), int(i))
+        except matfile.READ_ERRORS as err:
+            raise UserError(f"{self.path}: cannot read image {i} of {self.key} "
+                            f"({matfile.one_line(err)})") from err
+
+    def pil(self, i):
+        return Image.fromarray(self[i])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state['_file'] = state['_pid'] = None
+        return state
+
+    def close(self):
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+
+class ArrayImages:
+    """Images held in memory as one (N, H, W, 3) uint8 array."""
+
+    def __init__(self, array, path):
+        self.array, self.path = array, path
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, i):
+        return self.array[int(i)]
+
+    def pil(self, i):
+        return Image.fromarray(self.array[int(i)])
+
+
+# What an unreadable or foreign image file makes PIL raise (UnidentifiedImageError and a
+# truncated file's error are OSErrors); anything else is a bug of ours.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class FileImages:
+    """One image file per pair (Wiki), decoded as the authors do: cv2.imread (which
+    applies the EXIF orientation and makes grey and CMYK pictures BGR), then BGR -> RGB.
+    PIL's transforms then work on Image.fromarray of that."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def pil(self, i):
+        return Image.fromarray(self.decode(i))
+
+    def decode(self, i):
+        import cv2   # here, not at import: the check command and training on .mat need none
+        path = self.paths[int(i)]
+        try:
+            bgr = cv2.imread(path)   # None, not an exception, for a file it cannot decode
+        except cv2.error as err:
+            raise UserError(f"{path}: not a readable image ({matfile.one_line(err)})") from err
+        if bgr is None:
+            raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
+        # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
+        # must not be started before the DataLoader forks its workers
+        return np.ascontiguousarray(bgr[..., ::-1])
+
+    def __getitem__(self, i):
+        """The image as (H, W, 3) uint8, after checking that the file is whole: OpenCV
+        decodes a truncated JPEG with a grey bottom and only a warning on stderr, so the
+        check command (which reads every image this way) asks PIL to decode it in full."""
+        path = self.paths[int(i)]
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except IMAGE_ERRORS as err:
+            raise UserError(f"{path}: not a readable image, truncated or corrupt? "
+                            f"({matfile.one_line(err)})") from err
+        return self.decode(i)
+
+
+def read_image(iall_path, index, key='IAll'):
+    """The index-th image of a DCMH IAll file (v5 or v7.3) as (H, W, 3) uint8, upright."""
+    var = matfile.describe(iall_path, key)
+    layout = matfile.ImageLayout(var)
+    if var.version == 'v5':
+        return layout.image(matfile.read_var(var), index)
+    with h5py.File(iall_path, 'r') as f:
+        return layout.image(f[key], index)
+
+
+def image_source(var, layout, in_memory):
+    """Lazy images for a v7.3 IAll; the whole array for a v5 one (scipy cannot read part of
+    a file) or when IN_MEMORY asks for it."""
+    n = layout.n
+    if var.mclass != 'uint8':
+        raise UserError(f"{var.name()}: images are {var.mclass}, expected uint8")
+    if var.version == 'v5':
+        array = layout.block(matfile.read_var(var), 0, n)
+        return ArrayImages(np.ascontiguousarray(array), var.path)
+    if not in_memory:
+        return H5Images(var, layout)
+    size = n * layout.height * layout.width * 3
+    if size > 0.5 * physical_memory():
+        raise UserError(f"setting IN_MEMORY=True: {var.name()} needs {size / 2**30:.1f} GiB, "
+                        f"more than half of this machine's memory; use IN_MEMORY=False")
+    out = np.empty((n, layout.height, layout.width, 3), np.uint8)
+    try:
+        with h5py.File(var.path, 'r') as f:
+            step = max(1, (256 << 20) // (size // n))
+            for a in range(0, n, step):
+                out[a:a + step] = layout.block(f[var.key], a, min(n, a + step))
+    except matfile.READ_ERRORS as err:
+        raise UserError(f"{var.name()}: cannot read the images ({matfile.one_line(err)})") from err
+    return ArrayImages(out, var.path)
+
+
+def physical_memory():
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return float('inf')
+
+
+
+def fmt_shape(shape):
+    return ' x '.join(str(s) for s in shape)
+
+
+def fmt_matrix(array):
+    return f"{array.shape[0]} x {array.shape[1]} {array.dtype}"
+
+
+def check_labels(labels, var):
+    bad = ~((labels == 0) | (labels == 1))
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise UserError(f"{var.name()}: labels must be 0 or 1, found {labels[r, c]!r} at pair "
+                        f"{r}, label {c}")
+    return np.ascontiguousarray(labels, dtype=np.uint8)
+
+
+def check_texts(texts, var):
+    finite = np.isfinite(texts)
+    if not finite.all():
+        r, c = np.argwhere(~finite)[0]
+        raise UserError(f"{var.name()}: text features must be finite, found {texts[r, c]} at "
+                        f"pair {r}, column {c}")
+    return np.ascontiguousarray(texts, dtype=np.float32)
+
+
