@@ -12,6 +12,11 @@
   plain per-query loop with a stable sort, the way evaluation code in this field is usually
   written. Reports median times, the speed-up, the difference between the two values on the
   same queries, and the peak memory of each.
+- bench_loader (`python bench.py --part loader [DATASET=... DATA_DIR=...] [CHUNK=64]`, not
+  part of the default run): images per second per worker of datasets.make_loader with the
+  real transforms, training (first epoch, which reads the train split, and a later one)
+  and the database in file order, on DATA_DIR or on a MIRFlickr-sized replica it writes
+  once into data/bench-loader/ with CHUNK images an HDF5 chunk (docs/speed.md).
 - bench_search (`python bench.py search`, not part of the default run): FAISS binary
   indexes over 1 M and 10 M random 64-bit codes and 10 M 128-bit ones, uniform and
   clustered (clustered_codes): build time, bytes per item, single-query latency (median,
@@ -372,9 +377,9 @@ def write_loader_replica(folder, chunk, n=LOADER_PAIRS, size=LOADER_SIZE, seed=0
     it out (H x W x 3 x N, stored (N, 3, W, H)), gzip level LOADER_LEVEL, `chunk` images a
     chunk; YAll and LAll v5, random. Returns the seconds spent, or None when a complete
     replica was already there (each file is written under a temporary name, then renamed)."""
-    import datasets
+    import dcmh
     import matfile
-    names = [os.path.join(folder, name) for name in datasets.DCMH_FILES['MIRFlickr']]
+    names = [os.path.join(folder, name) for name in dcmh.DCMH_FILES['MIRFlickr']]
     if all(os.path.isfile(path) for path in names):
         return None
     os.makedirs(folder, exist_ok=True)
@@ -434,9 +439,10 @@ def bench_loader(cfg, epochs=2, seconds=0):
     and of the largest worker."""
     import resource
     import datasets
+    import dcmh
     import matfile
     data = datasets.load(cfg, verbose=False)
-    ivar = matfile.describe(datasets.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll'), 'IAll')
+    ivar = matfile.describe(dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll'), 'IAll')
     out = dict(dataset=cfg.DATASET, data_dir=cfg.DATA_DIR, workers=max(1, cfg.NUM_WORKERS),
                storage=matfile.storage(ivar), n_train=len(data.train),
                n_database=len(data.database), epochs=[])

@@ -484,7 +484,7 @@ def check(cfg):
     print(f"  split{seed}: query {len(data.query)}, train {len(data.train)}, "
           f"database {len(data.database)}")
     if isinstance(data.images, pairs.H5Images):
-        data.notes += check_storage(data.images, cfg)
+        check_storage(data, cfg)
     for line in data.notes:
         print(f"note: {line}")
     for line in data.warnings:
@@ -522,39 +522,59 @@ def check_images(data, full=False):
 SLOW_RANDOM_READS = 500   # images per second
 
 
-def check_storage(images, cfg, seconds=0.5):
+def check_storage(data, cfg, seconds=0.5):
     """Print how an HDF5 IAll is stored and how fast it reads, one image at a time at
     random (a fresh handle with h5py's default chunk cache, as a plain reader has) and in
-    file order (as evaluation reads it); return a note advising REPACK when the chunks make
-    single-image reads slow."""
-    store, n = images.storage, len(images)
+    file order (as evaluation reads it); add a note advising REPACK when the chunks make
+    single-image reads slow. A bad block met while measuring is a warning here (only
+    FULL=True promises to read every image)."""
+    images = data.images
+    store = images.storage
     chunks = (f"chunks of {images.per_chunk} image{'s' * (images.per_chunk > 1)} "
               f"{store.chunks}" if store.chunks else "not chunked")
     level = f" level {store.level}" if store.level is not None else ''
+    try:
+        random_rate, order_rate = read_rates(images, seconds)
+    except UserError as err:
+        print(f"  IAll storage: {chunks}, {store.compression}{level}")
+        data.warnings.append(f"measuring the read rate: {err}; FULL=True reads every image")
+        return
+    finally:
+        images.close()
+    print(f"  IAll storage: {chunks}, {store.compression}{level}; reads {random_rate:.0f} "
+          f"images/s one at a time at random, {order_rate:.0f} in file order")
+    if images.per_chunk > 1 and random_rate < SLOW_RANDOM_READS:
+        data.notes.append(
+            f"{images.path} holds {images.per_chunk} images a chunk: a single image costs "
+            f"its whole chunk. Training reads its split once per run and evaluation reads "
+            f"in file order, but the first epoch still decompresses every chunk that holds "
+            f"a training image; `python prepare.py DATASET={cfg.DATASET} "
+            f"DATA_DIR={cfg.DATA_DIR} REPACK=True` converts the file once to one image "
+            f"per chunk (docs/speed.md)")
+
+
+def read_rates(images, seconds):
+    """(images/s one at a time at random, images/s in file order, 64 a read)."""
+    n = len(images)
     rng = np.random.default_rng(0)
-    def in_order(k):   # 64 images a read, from the start of the file
+    def at_random(dataset):
+        i = int(rng.integers(n))
+        try:
+            images.layout.image(dataset, i)
+        except matfile.READ_ERRORS as err:
+            raise UserError(f"{images.path}: cannot read image {i} of {images.key} "
+                            f"({matfile.one_line(err)})") from err
+        return 1
+    def in_order(k):
         a = k * 64 % n
         return len(images.run(a, min(n, a + 64)))
     try:
         with h5py.File(images.path, 'r') as f:
             dataset = f[images.key]
-            random_rate = read_rate(
-                lambda k: len(images.layout.image(dataset, int(rng.integers(n)))[:1]), seconds)
-    except matfile.READ_ERRORS as err:
-        raise UserError(f"{images.path}: cannot read {images.key} "
-                        f"({matfile.one_line(err)})") from err
-    order_rate = read_rate(in_order, seconds)
-    images.close()
-    print(f"  IAll storage: {chunks}, {store.compression}{level}; reads {random_rate:.0f} "
-          f"images/s one at a time at random, {order_rate:.0f} in file order")
-    if images.per_chunk > 1 and random_rate < SLOW_RANDOM_READS:
-        return [f"{images.path} holds {images.per_chunk} images a chunk: a single image costs "
-                f"its whole chunk. Training reads its split once per run and evaluation reads "
-                f"in file order, but the first epoch still decompresses every chunk that holds "
-                f"a training image; `python prepare.py DATASET={cfg.DATASET} "
-                f"DATA_DIR={cfg.DATA_DIR} REPACK=True` converts the file once to one image "
-                f"per chunk (docs/speed.md)"]
-    return []
+            random_rate = read_rate(lambda k: at_random(dataset), seconds)
+    except OSError as err:   # opening the file (it was opened once already: unlikely)
+        raise UserError(f"{images.path}: cannot open ({matfile.one_line(err)})") from err
+    return random_rate, read_rate(in_order, seconds)
 
 
 def read_rate(read, seconds):

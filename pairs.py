@@ -51,7 +51,7 @@ class H5Images:
         chunks = self.storage.chunks
         self.per_chunk = chunks[layout.n_axis] if chunks else 1   # images a chunk holds
         self.image_bytes = layout.height * layout.width * 3
-        self._file, self._pid = None, None
+        self._file, self._pid, self._ds = None, None, None
         self.train_cache = None   # (key, CachedImages, resized): see cache_train
 
     def __len__(self):
@@ -61,7 +61,8 @@ class H5Images:
         if self._file is None or self._pid != os.getpid():  # a forked copy opens its own
             self._file, self._pid = h5py.File(self.path, 'r', **chunk_cache(self.storage)), \
                 os.getpid()
-        return self._file[self.key]
+            self._ds = self._file[self.key]   # looked up once: a lookup costs a read's tenth
+        return self._ds
 
     def run(self, a, b):
         """Images a..b-1 as (b - a, H, W, 3), in one read: each chunk decompressed once."""
@@ -93,13 +94,13 @@ class H5Images:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state['_file'] = state['_pid'] = None
+        state['_file'] = state['_pid'] = state['_ds'] = None
         return state
 
     def close(self):
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
-        self._file = None
+        self._file = self._ds = None
 
 
 class ArrayImages:
