@@ -25,16 +25,29 @@
   stream the codes once from memory and a NumPy popcount scan; then FAISS's ranking against
   metric.py for evaluation (search.faiss_top_map) at NUS-WIDE size. `--help` after `search`
   lists the knobs that make it shorter.
+- bench_gpu (`python bench.py gpu [--device cpu|cuda] [--out DIR]`, not part of the default
+  run): the acceptance run of a GPU, at most 8 minutes on one. The same training steps on the
+  device and on the CPU (loss and weights to an fp32 tolerance: LOSS_RTOL, UPDATE_RTOL);
+  BF16, TF32 and CHANNELS_LAST each on against all off (the loss after some steps, the DEMO's
+  mAP@50 after a short run); pairs/s of the training loop against the floor of train_step for
+  AlexNet and VGG-19 at 224 px, batch 32; evaluation images/s; peak memory; the predicted time
+  of Tables 2 and 1 (predict_grid_hours). Writes a JSON and a markdown file and prints both
+  paths. On a CPU (`--device cpu`) it runs at small sizes (GPU_SIZES['small']), says so, and
+  scales the grid prediction to 224 px.
 
 The machine may be shared: the load average is printed with the timings.
 """
 import argparse
+import contextlib
 import ctypes
+import dataclasses
+import gc
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -78,10 +91,16 @@ def measure(fn, repeats, device):
         start_mem = _memory_start(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         value = fn()
+        sync(device)   # CUDA runs asynchronously: the clock must wait for the work
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)
         peak = max(peak, _memory_peak(device) - start_mem)
     return value, times, statistics.median(cpu_times), peak
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def _memory_start(device):
@@ -169,6 +188,7 @@ def bench_train(cfg, steps=8, epochs=1):
     text nets forward and backward, both SGD updates) on one batch already on the device."""
     import datasets
     import train
+    train.configure_torch(cfg)   # as train.py: the same kernels, TF32 and cudnn settings
     data = datasets.load(cfg)
     session = train.Session(cfg, data)
     device = session.device
@@ -203,6 +223,7 @@ def timed_epoch(session, epoch):
     """(seconds, steps) of one epoch of Session.train_epoch, as train.py's loop runs it."""
     start = time.perf_counter()
     steps = sum(1 for _ in session.train_epoch(epoch))
+    sync(session.device)
     return time.perf_counter() - start, steps
 
 
@@ -275,6 +296,7 @@ def bench_feature_train(cfg, epochs=2, steps=20):
     """Seconds per epoch of Session.train_epoch on features beside the floor (train_step on one
     batch already in memory, times the batches of an epoch), and one evaluation."""
     import train
+    train.configure_torch(cfg)
     data = feature_data()
     session = train.Session(cfg, data)
     batches = len(data.train) // cfg.BATCH_SIZE
@@ -289,6 +311,7 @@ def bench_feature_train(cfg, epochs=2, steps=20):
     out['epoch_s'] = statistics.median(timed_epoch(session, epoch)[0] for epoch in range(epochs))
     start = time.perf_counter()
     result, _ = session.evaluate()
+    sync(session.device)
     out['eval_s'] = time.perf_counter() - start
     out['map_all'] = result['map_all_i2t']
     n_evals = len({*range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL),
@@ -753,6 +776,484 @@ def main_search(argv):
     print(machine())
 
 
+# ===== the GPU acceptance run (python bench.py gpu) =====
+# What each part runs. 'full' (CUDA): the paper's 224 px and batch 32, sized for at most 8
+# minutes on one GPU. 'small' (the CPU): 64 px crops, batch 8, fewer steps and images, a few
+# minutes of CPU time on 2 cores (a VGG-19 step at 64 px and batch 32 took 17 s on our shared
+# 2-core machine); its grid prediction is scaled to 224 px and batch 32 by the pixels and pairs
+# per step. The DEMO runs keep the DEMO preset.
+GPU_SIZES = {
+    'full': dict(crop=224, batch=32, workers=settings.NUM_WORKERS,
+                 agree_backbones=('alexnet', 'vgg19'), agree_steps=3,
+                 precision_backbone='vgg19', precision_steps=20, demo_epochs=6,
+                 speed_backbones=('alexnet', 'vgg19'), floor_steps=10, loop_steps=30,
+                 eval_images=2000),
+    'small': dict(crop=64, batch=8, workers=1,
+                  agree_backbones=('alexnet',), agree_steps=3,
+                  precision_backbone='alexnet', precision_steps=5, demo_epochs=1,
+                  speed_backbones=('alexnet', 'vgg19'), floor_steps=2, loop_steps=4,
+                  eval_images=128),
+}
+GRID_CROP, GRID_BATCH = 224, 32   # what the paper's grids train on
+
+# Two devices agree "to fp32" when:
+# - each step's loss is within LOSS_RTOL of the reference's. fp32 keeps 24 bits (unit roundoff
+#   u = 6e-8); the same sum in another order (cuDNN or cuBLAS kernels against oneDNN's, other
+#   block sizes) differs by up to n u for n terms, typically sqrt(n) u, and the longest sums
+#   here are fc6's (9,216 inputs for AlexNet, 25,088 for VGG-19): n u = 0.6e-3 to 1.5e-3. A
+#   bf16 leak (u = 3.9e-3 on every operation) or a wrong layout exceeds it.
+# - the weights' change over the steps (each network's, as one vector) is within UPDATE_RTOL of
+#   the reference's, in norm: the weights are fp32 too, and a few steps at LR 0.001 move them
+#   by about 1e-5 of their size, so the stored changes keep only 2 to 3 significant digits
+#   (the CPU's own contiguous against channels_last kernels: 8e-4 on AlexNet).
+LOSS_RTOL = 1e-3
+UPDATE_RTOL = 1e-2
+PRECISION_FLAGS = ('BF16', 'TF32', 'CHANNELS_LAST')
+
+# The grids' datasets: (training pairs, images encoded per evaluation = query + database),
+# from the split protocol (README, Data).
+GRID_SIZES = {'Wiki': (2173, 693 + 2173), 'MIRFlickr': (5000, 2000 + 18015),
+              'NUSWIDE': (5000, 2000 + 184577)}
+
+
+def bench_gpu(device, sizes, overrides=()):
+    """Every figure of the acceptance run, as one dict (what the JSON file holds)."""
+    import train
+    start = time.perf_counter()
+    if 'DATASET' in settings.parse_overrides(overrides):
+        raise settings.UserError("bench.py gpu: setting DATASET: the run is built on the DEMO "
+                                 "(generated, and replicated at 224 px); leave DATASET out")
+    base = gpu_config(overrides, DEVICE=device)
+    train.pick_device(base)      # no CUDA here: one line before anything is generated
+    data = datasets_load(base)   # the DEMO, generated on first use; also the 224 px replica
+    out = dict(machine=machine(), device=device, torch=torch.__version__, sizes=dict(sizes))
+    out['agreement'] = agreement_part(data, overrides, device, sizes)
+    out['precision'] = precision_part(data, overrides, device, sizes)
+    out['speed'] = {b: speed_part(data, overrides, device, sizes, b)
+                    for b in sizes['speed_backbones']}
+    figures = {b: dict(step_s=s['grid_step_s'], eval_images_per_s=s['grid_eval_images_per_s'])
+               for b, s in out['speed'].items()}
+    out['grid'] = {name: predict_grid_hours(figures, tables, extra=grid_extra(overrides))
+                   for name, tables in (('table 2', ('2',)), ('table 1', ('1',)),
+                                        ('both', ('2', '1')))}
+    out['seconds'] = time.perf_counter() - start
+    return out
+
+
+def gpu_config(overrides, **forced):
+    """The DEMO preset, then the user's KEY=VALUE, then what this part of the run sets."""
+    return settings.resolve(['DATASET=DEMO', *overrides], **forced)
+
+
+def grid_extra(overrides):
+    """The user's KEY=VALUE that a grid run would also get (BACKBONE=alexnet, ...); the DEMO's
+    data and speed settings are the benchmark's own."""
+    ours = {'DATA_DIR', 'NUM_WORKERS', 'DEVICE', 'EVAL_BATCH_SIZE'}
+    return [o for o in overrides if o.partition('=')[0].upper() not in ours]
+
+
+def datasets_load(cfg):
+    import datasets
+    return datasets.load(cfg, verbose=False)
+
+
+def fixed_batches(data, cfg, n):
+    """n training batches (uint8 images, texts) as the loader gives them, from a fixed seed;
+    the epoch's batches again from the start if it has fewer."""
+    import datasets
+    in_process = types.SimpleNamespace(**{**vars(cfg), 'NUM_WORKERS': 0})
+    loader = datasets.make_loader(data, 'train', in_process,
+                                  generator=torch.Generator().manual_seed(0))
+    found = []
+    for images, texts, _, _ in loader:
+        found.append((images, texts))
+        if len(found) == n:
+            break
+    return [found[i % len(found)] for i in range(n)]
+
+
+def dropout_off(session):
+    """Train mode without dropout: the CPU and CUDA generators draw different masks from the
+    same seed, and a comparison must see the arithmetic only."""
+    session.img_net.train()
+    session.txt_net.train()
+    for module in session.img_net.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+
+
+def losses_on(session, batches):
+    dropout_off(session)
+    return [session.train_step(images, texts).item() for images, texts in batches]
+
+
+def weights(session):
+    """Each network's weights as one float32 vector on the CPU."""
+    return {name: torch.cat([p.detach().float().cpu().flatten() for p in net.parameters()])
+            for name, net in (('img_net', session.img_net), ('txt_net', session.txt_net))}
+
+
+@contextlib.contextmanager
+def cpu_threads(n):
+    """torch's CPU threads set to n for the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----- 1. the same steps on the device and on the CPU -----
+def agreement_part(data, overrides, device, sizes):
+    runs = []
+    for backbone in sizes['agree_backbones']:
+        runs.append(agreement(data, overrides, device, sizes, backbone))
+        print(f"agreement, {backbone}: {'PASS' if runs[-1]['ok'] else 'FAIL'} (loss "
+              f"{runs[-1]['loss_rel_diff']:.1e}, weight changes "
+              f"{max(runs[-1]['update_rel_diff'].values()):.1e})", flush=True)
+    if torch.device(device).type == 'cpu':
+        how = ("the CPU with all its threads and the run's CHANNELS_LAST against the CPU with 1 "
+               "thread and CHANNELS_LAST=False, BF16 and TF32 off (no GPU: the CPU's kernels "
+               "against themselves, summing in other blocks where threads or layout differ)")
+    else:
+        how = (f"{device} with the run's CHANNELS_LAST against the CPU with CHANNELS_LAST="
+               f"False, BF16 and TF32 off on both")
+    return dict(runs=runs, ok=all(r['ok'] for r in runs), compared=how,
+                loss_rtol=LOSS_RTOL, update_rtol=UPDATE_RTOL,
+                why=(f"fp32 (unit roundoff 6e-8) summed in another order: up to n u for n "
+                     f"terms, and fc6 sums 9,216 (AlexNet) to 25,088 (VGG-19) of them, so the "
+                     f"loss may move by ~1e-3 (LOSS_RTOL {LOSS_RTOL:g}); a few steps at LR "
+                     f"0.001 change the fp32 weights by ~1e-5 of their size, so their changes "
+                     f"keep 2-3 digits (UPDATE_RTOL {UPDATE_RTOL:g}, in norm per network); "
+                     f"dropout off in both (each device draws its own masks)"))
+
+
+def agreement(data, overrides, device, sizes, backbone):
+    """train_step on the same batches from the same weights, on the device (with the run's
+    layout, fp32) and on the CPU reference (fp32, contiguous; 1 thread when the device is the
+    CPU too): per-step losses and each network's change of weights."""
+    import train
+    common = dict(BACKBONE=backbone, CROP=sizes['crop'], RESIZE=resize_for(sizes['crop']),
+                  BATCH_SIZE=sizes['batch'], BF16=False, TF32=False)
+    cfg = gpu_config(overrides, DEVICE=device, **common)
+    ref_cfg = gpu_config(overrides, DEVICE='cpu', CHANNELS_LAST=False, **common)
+    train.configure_torch(cfg)
+    batches = fixed_batches(data, cfg, sizes['agree_steps'])
+    ref, dev = train.Session(ref_cfg, data), train.Session(cfg, data)
+    for name in ('img_net', 'feat_net', 'txt_net'):   # the very same starting weights
+        getattr(dev, name).load_state_dict(getattr(ref, name).state_dict())
+    before = weights(ref)
+    with cpu_threads(1 if dev.device.type == 'cpu' else None):
+        ref_losses = losses_on(ref, batches)
+    ref_after = weights(ref)
+    del ref
+    dev_losses = losses_on(dev, batches)
+    dev_after = weights(dev)
+    del dev
+    gc.collect()
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(dev_losses, ref_losses))
+    update_diff = {k: float((dev_after[k] - ref_after[k]).norm()
+                            / (ref_after[k] - before[k]).norm()) for k in before}
+    return dict(backbone=backbone, crop=sizes['crop'], batch=sizes['batch'],
+                steps=len(batches), losses=dev_losses, reference_losses=ref_losses,
+                loss_rel_diff=loss_diff, update_rel_diff=update_diff,
+                max_weight_diff=max(float((dev_after[k] - ref_after[k]).abs().max())
+                                    for k in before),
+                ok=bool(loss_diff <= LOSS_RTOL and max(update_diff.values()) <= UPDATE_RTOL))
+
+
+def resize_for(crop):
+    """The authors' Resize(256) before a 224 crop; the DEMO's 72 before 64."""
+    return 256 if crop == 224 else crop + crop // 8
+
+
+# ----- 2. BF16, TF32, CHANNELS_LAST: what each costs -----
+def precision_part(data, overrides, device, sizes):
+    """Each flag on alone against all three off: the loss after N steps (same weights, same
+    batches, dropout off) and the DEMO's mAP@50 after a short run. A flag the session does
+    not apply on this device is reported as such and not run."""
+    import train
+    backbone, crop = sizes['precision_backbone'], sizes['crop']
+    out = dict(backbone=backbone, crop=crop, batch=sizes['batch'],
+               steps=sizes['precision_steps'], demo_epochs=sizes['demo_epochs'], settings={})
+    batches = fixed_batches(data, gpu_config(overrides, CROP=crop, RESIZE=resize_for(crop),
+                                             BATCH_SIZE=sizes['batch']),
+                            sizes['precision_steps'])
+    for flag in ('off', *PRECISION_FLAGS):
+        flags = {f: f == flag for f in PRECISION_FLAGS}
+        cfg = gpu_config(overrides, DEVICE=device, BACKBONE=backbone, CROP=crop,
+                         RESIZE=resize_for(crop), BATCH_SIZE=sizes['batch'], **flags)
+        train.configure_torch(cfg)
+        session = train.Session(cfg, data)
+        applied = flag == 'off' or flag_applied(session, flag)
+        entry = dict(applied=applied)
+        if applied:
+            entry['losses'] = losses_on(session, batches)
+            del session
+            entry.update(short_demo(gpu_config(overrides, DEVICE=device, **flags), data,
+                                    sizes['demo_epochs']))
+        else:
+            del session
+            entry['note'] = f"{flag}=True changes nothing on {device}: not run"
+        gc.collect()
+        out['settings'][flag] = entry
+        print(f"precision, {flag}: " + (f"loss {entry['losses'][-1]:.6f}, DEMO mAP@50 "
+                                        f"{entry['map_i2t']:.4f} / {entry['map_t2i']:.4f}"
+                                        if applied else entry['note']), flush=True)
+    off = out['settings']['off']
+    for entry in out['settings'].values():
+        if entry['applied']:
+            entry['loss_rel_diff'] = abs(entry['losses'][-1] - off['losses'][-1]) / abs(
+                off['losses'][-1])
+    return out
+
+
+def flag_applied(session, flag):
+    """Whether the session does anything with this flag on its device: bf16 out of the first
+    convolution under its autocast, TF32 on CUDA only, the convolutions' weights in
+    channels_last."""
+    first_conv = next(m for m in session.img_net.modules() if isinstance(m, torch.nn.Conv2d))
+    if flag == 'BF16':
+        x = torch.zeros(1, first_conv.in_channels, 8, 8, device=session.device)
+        with torch.no_grad(), session.autocast():
+            return first_conv(x).dtype == torch.bfloat16
+    if flag == 'TF32':
+        return session.device.type == 'cuda' and torch.backends.cudnn.allow_tf32
+    return (first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+            and not first_conv.weight.is_contiguous())
+
+
+def short_demo(cfg, data, epochs):
+    """Train the DEMO for some epochs as train.py does (dropout on), then evaluate."""
+    import train
+    session = train.Session(cfg, data)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        losses = list(session.train_epoch(epoch))
+    result, _ = session.evaluate()
+    return dict(demo_loss=sum(losses) / len(losses), map_i2t=result['map_i2t'],
+                map_t2i=result['map_t2i'], demo_seconds=time.perf_counter() - start)
+
+
+# ----- 3. speed: pairs/s against the floor, evaluation, memory -----
+def speed_part(data, overrides, device, sizes, backbone):
+    """The training loop (loader included) against the floor of train_step on a batch
+    already on the device; evaluation images/s; peak memory; and both scaled to what a grid
+    run does (224 px, batch 32) for the prediction."""
+    import train
+    crop, batch = sizes['crop'], sizes['batch']
+    cfg = gpu_config([f"NUM_WORKERS={sizes['workers']}", *overrides], DEVICE=device,
+                     BACKBONE=backbone, CROP=crop, RESIZE=resize_for(crop), BATCH_SIZE=batch)
+    train.configure_torch(cfg)
+    session = train.Session(cfg, data)
+    device = session.device
+    out = dict(backbone=backbone, crop=crop, batch=batch, workers=cfg.NUM_WORKERS)
+    _memory_start(device)
+    out['floor_pairs_per_s'] = batch / floor_step_s(session, sizes['floor_steps'])
+    out['loop_pairs_per_s'] = loop_pairs_per_s(session, sizes['loop_steps'])
+    out['ratio'] = out['loop_pairs_per_s'] / out['floor_pairs_per_s']
+    out['train_peak_bytes'] = _memory_peak(device)
+    out['eval_images_per_s'], out['eval_peak_bytes'] = eval_rate(session, sizes['eval_images'])
+    out['memory'] = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
+                     else 'peak RSS of the process')
+    del session
+    gc.collect()
+    scale = (GRID_CROP / crop) ** 2   # pixels: the convolutions' share of the work
+    out['grid_step_s'] = GRID_BATCH / out['loop_pairs_per_s'] * scale
+    out['grid_eval_images_per_s'] = out['eval_images_per_s'] / scale
+    out['scaled'] = scale != 1 or batch != GRID_BATCH
+    print(f"speed, {backbone}: loop {out['loop_pairs_per_s']:.1f} pairs/s, floor "
+          f"{out['floor_pairs_per_s']:.1f}; evaluation {out['eval_images_per_s']:.1f} "
+          f"images/s", flush=True)
+    return out
+
+
+def floor_step_s(session, steps):
+    """Median seconds of train_step on one batch already on the device, after a warm-up."""
+    cfg = session.cfg
+    images = torch.randint(0, 256, (cfg.BATCH_SIZE, 3, cfg.CROP, cfg.CROP), dtype=torch.uint8,
+                           device=session.device)
+    texts = torch.from_numpy(session.data.texts[session.data.train[:cfg.BATCH_SIZE]]).to(
+        session.device)
+    session.img_net.train()
+    session.txt_net.train()
+    session.train_step(images, texts)
+    _, seconds, _, _ = measure(lambda: session.train_step(images, texts), steps,
+                               session.device)
+    return statistics.median(seconds)
+
+
+def loop_pairs_per_s(session, steps):
+    """Pairs per second of Session.train_epoch (loader included, as train.py runs it) over
+    `steps` steps after the first, which waits for the loader's workers to start."""
+    epoch = session.train_epoch(0)
+    done, start, end = 0, None, None
+    try:
+        for _ in epoch:
+            if start is None:
+                sync(session.device)
+                start = time.perf_counter()
+                continue
+            done += 1
+            if done < steps:
+                end = time.perf_counter()   # the epoch may end before `steps`
+                continue
+            sync(session.device)
+            end = time.perf_counter()
+            break
+    finally:
+        epoch.close()   # stops the loader's workers: not part of the time
+    if not done:
+        raise settings.UserError(f"bench.py gpu: the DEMO in DATA_DIR={session.cfg.DATA_DIR!r}"
+                                 f" gives fewer than 2 training batches of "
+                                 f"{session.cfg.BATCH_SIZE}; use the full DEMO")
+    return done * session.cfg.BATCH_SIZE / (end - start)
+
+
+def eval_rate(session, n_images):
+    """Images per second of Session.evaluate (both modalities encoded, mAP both ways) on
+    the first n_images of the DEMO's query and database (a tenth from the query, as the
+    DEMO's split), and the peak memory."""
+    data = session.data
+    n_query = max(1, min(len(data.query), n_images // 10))
+    session.data = dataclasses.replace(data, query=data.query[:n_query],
+                                       database=data.database[:max(1, n_images - n_query)])
+    images = len(session.data.query) + len(session.data.database)
+    _memory_start(session.device)
+    start = time.perf_counter()
+    session.evaluate()
+    sync(session.device)
+    seconds = time.perf_counter() - start
+    session.data = data
+    return images / seconds, _memory_peak(session.device)
+
+
+# ----- 4. the grids' time -----
+def predict_grid_hours(figures, tables, seeds=3, extra=()):
+    """Hours of `reproduce.py --table T` (the given tables, `seeds` seeds) on the measured
+    device: per dataset, runs x (epochs x steps per epoch x step time + evaluations x images
+    per evaluation / evaluation images per second). figures: {backbone: {'step_s': seconds of
+    one training step (loader included) at 224 px, batch 32; 'eval_images_per_s': ...}}.
+    Wiki's steps train only fc6, fc7 and the hash layer: timed as full steps, an upper bound."""
+    import reproduce
+    out = {}
+    for cell in reproduce.grid_cells(tables, None, None, None, seeds):
+        cfg = reproduce.cell_config(cell, list(extra))
+        train_pairs, eval_images = GRID_SIZES[cfg.DATASET]
+        f = figures[cfg.BACKBONE]
+        run_s = (cfg.NUM_EPOCH * (train_pairs // cfg.BATCH_SIZE) * f['step_s']
+                 + evaluations(cfg) * eval_images / f['eval_images_per_s'])
+        entry = out.setdefault(cfg.DATASET, dict(runs=0, hours=0.0))
+        entry['runs'] += 1
+        entry['hours'] += run_s / 3600
+    return dict(datasets=out, runs=sum(e['runs'] for e in out.values()),
+                hours=sum(e['hours'] for e in out.values()))
+
+
+def evaluations(cfg):
+    """Evaluations one run makes: every EVAL_INTERVAL epochs and after the last (train.py's
+    loop), and the untrained one with EVAL_UNTRAINED."""
+    return len({*range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL),
+                cfg.NUM_EPOCH}) + cfg.EVAL_UNTRAINED
+
+
+# ----- the report -----
+def gpu_report_lines(r):
+    """The markdown table of the figures (also what is printed)."""
+    mib = 2 ** 20
+    a, p = r['agreement'], r['precision']
+    lines = [f"# bench.py gpu on {r['device']}", '', r['machine'], '',
+             f"Sizes: crops {r['sizes']['crop']} px, batch {r['sizes']['batch']}"
+             + (" (small: the grid figures are scaled to 224 px, batch 32)"
+                if r['sizes']['crop'] != GRID_CROP or r['sizes']['batch'] != GRID_BATCH
+                else '') + f"; {r['seconds']:.0f} s in all.", '',
+             f"**Agreement** ({a['compared']}): {'PASS' if a['ok'] else 'FAIL'}; "
+             f"tolerance: loss {a['loss_rtol']:g} relative, weight changes "
+             f"{a['update_rtol']:g} relative in norm.", '',
+             '| backbone | steps | loss | loss difference | image net change difference '
+             '| text net change difference |', '|---|---|---|---|---|---|']
+    for run in a['runs']:
+        d = run['update_rel_diff']
+        lines.append(f"| {run['backbone']} | {run['steps']} | {run['losses'][-1]:.6f} | "
+                     f"{run['loss_rel_diff']:.1e} | {d['img_net']:.1e} | {d['txt_net']:.1e} |")
+    lines += ['', f"**Precision settings** ({p['backbone']}, {p['crop']} px: loss after "
+              f"{p['steps']} steps; DEMO: mAP@50 after {p['demo_epochs']} epoch(s)):", '',
+              '| setting | loss after the steps | difference from all off | DEMO I->T | '
+              'DEMO T->I |', '|---|---|---|---|---|']
+    for flag, e in p['settings'].items():
+        name = 'all off' if flag == 'off' else f"{flag}=True"
+        if e['applied']:
+            lines.append(f"| {name} | {e['losses'][-1]:.6f} | {e['loss_rel_diff']:.1e} | "
+                         f"{e['map_i2t']:.4f} | {e['map_t2i']:.4f} |")
+        else:
+            lines.append(f"| {name} | no-op on {r['device']} | | | |")
+    lines += ['', '**Speed** (training loop with its loader, against the floor of '
+              '`Session.train_step` on a batch already on the device):', '',
+              '| backbone | px | batch | floor pairs/s | loop pairs/s | of the floor | '
+              'eval images/s | peak memory train / eval |', '|---|---|---|---|---|---|---|---|']
+    for s in r['speed'].values():
+        lines.append(f"| {s['backbone']} | {s['crop']} | {s['batch']} | "
+                     f"{s['floor_pairs_per_s']:.1f} | {s['loop_pairs_per_s']:.1f} | "
+                     f"{s['ratio']:.0%} | {s['eval_images_per_s']:.1f} | "
+                     f"{s['train_peak_bytes'] / mib:.0f} / {s['eval_peak_bytes'] / mib:.0f} "
+                     f"MiB |")
+    lines += ['', '**Predicted grid time** on this device (3 seeds; Wiki an upper bound):', '',
+              '| grid | runs | hours | per dataset |', '|---|---|---|---|']
+    for name, g in r['grid'].items():
+        per = ', '.join(f"{d} {e['runs']} runs {e['hours']:.1f} h"
+                        for d, e in g['datasets'].items())
+        lines.append(f"| {name} | {g['runs']} | {g['hours']:.1f} | {per} |")
+    return lines
+
+
+def write_gpu_report(r, out_dir):
+    """The JSON and the markdown, under new names (a timestamp): nothing earlier is
+    overwritten. Returns both paths."""
+    import train
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise settings.UserError(f"--out {out_dir}: cannot make the folder ({err})") from None
+    stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+    stem = base = os.path.join(out_dir, f"gpu-{r['device'].replace(':', '')}-{stamp}")
+    n = 1
+    while os.path.exists(stem + '.json') or os.path.exists(stem + '.md'):
+        n += 1
+        stem = f"{base}-{n}"
+    train.write_json(stem + '.json', r)
+    text = '\n'.join(gpu_report_lines(r)) + '\n'
+    train.atomic_write(stem + '.md', lambda f: f.write(text.encode()))
+    return stem + '.json', stem + '.md'
+
+
+def main_gpu(argv):
+    parser = argparse.ArgumentParser(
+        prog='bench.py gpu', description="The acceptance run of a GPU: the same steps on it "
+        "and on the CPU, what BF16, TF32 and CHANNELS_LAST cost, pairs/s against the floor, "
+        "evaluation images/s, memory, and the predicted time of the paper's grids.")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    parser.add_argument('--out', default=os.path.join(settings.OUT_DIR, 'bench'),
+                        help="folder for the JSON and markdown files (default runs/bench)")
+    parser.add_argument('--sizes', choices=tuple(GPU_SIZES),
+                        help="default: full on CUDA, small on the CPU")
+    parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
+                        help="settings for every part (DATA_DIR of the DEMO, NUM_WORKERS, ...)")
+    args = parser.parse_args(argv)
+    sizes = GPU_SIZES[args.sizes or ('small' if args.device == 'cpu' else 'full')]
+    print(machine())
+    figures = bench_gpu(args.device, sizes, args.overrides)
+    print('\n'.join(gpu_report_lines(figures)))
+    json_path, md_path = write_gpu_report(figures, args.out)
+    print(f"figures: {json_path}")
+    print(f"table: {md_path}")
+    if not figures['agreement']['ok']:
+        print("agreement: FAIL (see the table above)", file=sys.stderr)
+        sys.exit(1)
+
+
 # ===== machine and entry point =====
 def machine():
     """One line: CPU model, cores torch uses, GPU if any, and the load average."""
@@ -772,6 +1273,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['search']:
         return main_search(argv[1:])
+    if argv[:1] == ['gpu']:
+        return main_gpu(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=3, help="timed runs of the fast version")
     parser.add_argument('--queries', type=int, default=2000, help="number of queries")

@@ -15,6 +15,7 @@ Check a dataset on disk (exit status 2 and one line per problem):
     python datasets.py DATASET=MIRFlickr DATA_DIR=data/mirflickr
     python datasets.py DATASET=MIRFlickr DATA_DIR=data/mirflickr FULL=True   # every image
 """
+import functools
 import os
 import sys
 
@@ -457,10 +458,20 @@ def worker_context(workers):
 def normalize(images):
     """uint8 images [..., 3, H, W] -> float32, normalised with ImageNet's mean and std on the
     images' own device: the same operations as ToTensor then Normalize, done in bulk."""
+    mean, std = imagenet_stats(images.device)
+    return images.float().div(255).sub(mean).div(std)
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_stats(device):
+    """ImageNet's mean and std as 3 x 1 x 1 float32 tensors on `device`, made once per device
+    (making them is a copy to the device, which waits for it). Ordinary tensors even when
+    first asked for under inference_mode, so that training may use them too."""
     import torch
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device)
-    return images.float().div(255).sub(mean[:, None, None]).div(std[:, None, None])
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device)
+    return mean[:, None, None], std[:, None, None]
 
 
 # ===== the check command =====

@@ -44,11 +44,20 @@ def output_path(cfg):
     return os.path.join(cfg.DATA_DIR, name + '.npy')
 
 
-def identity(cfg, n):
-    """What the rows depend on: a partial file made with anything else is not resumed."""
+def identity(cfg, n, device):
+    """What the rows depend on: a partial file made with anything else is not resumed
+    (another device rounds otherwise: its rows and ours must not share a file)."""
     return {'dataset': cfg.DATASET, 'pairs': n, 'backbone': cfg.BACKBONE, 'layer': LAYER,
             'pretrained': cfg.PRETRAINED, 'pretrained_path': cfg.PRETRAINED_PATH,
-            'resize': cfg.RESIZE, 'crop': cfg.CROP, 'seed': cfg.SEED, 'dim': DIM}
+            'resize': cfg.RESIZE, 'crop': cfg.CROP, 'seed': cfg.SEED, 'dim': DIM,
+            'device': device_name(device)}
+
+
+def device_name(device):
+    """'cpu', or 'cuda' and the GPU's model."""
+    if device.type == 'cuda':
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 # ===== the partial file =====
@@ -135,7 +144,8 @@ def extract(cfg):
     data = datasets.load(cfg)
     n = len(data.labels)
     device = train.pick_device(cfg)
-    out = PartialFile(path, identity(cfg, n))
+    train.configure_torch(cfg)   # TF32 and cudnn as train.py has them
+    out = PartialFile(path, identity(cfg, n, device))
     try:
         out.open(cfg.RESUME)
     except OSError as err:

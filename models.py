@@ -99,7 +99,9 @@ class HashNet(nn.Module):
         self.alpha = math.sqrt(epoch + 1.0)
 
     def output(self, feat, hid):
-        return feat, hid, torch.tanh(self.alpha * hid)
+        # In fp32 whatever autocast made of H: in bf16, tanh(alpha H) rounds to +-1, and its
+        # gradient to 0, from |alpha H| ~ 3.5 instead of ~9.
+        return feat, hid, torch.tanh(self.alpha * hid.float())
 
 
 class ImgNet(HashNet):
@@ -116,8 +118,32 @@ class ImgNet(HashNet):
         self.hash = nn.Linear(4096, code_len)
 
     def fc7(self, x):
-        x = self.avgpool(self.features(x))
+        x = self.pool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
+
+    def pool(self, x):
+        """The backbone's adaptive average pooling, by a route that gives the same numbers
+        and has a deterministic backward on CUDA (AdaptiveAvgPool2d's has none, so
+        DETERMINISTIC=True would stop at the first step): none where the map already has
+        the output size (224 px crops), a copy of each value where each output cell covers
+        one input cell (AlexNet at 64 px: 1 x 1 to 6 x 6); else the pooling itself."""
+        out_h, out_w = pool_size(self.avgpool)
+        n, c, h, w = x.shape
+        if (h, w) == (out_h, out_w):
+            return x
+        if out_h % h == 0 and out_w % w == 0:
+            x = x[:, :, :, None, :, None].expand(n, c, h, out_h // h, w, out_w // w)
+            return x.reshape(n, c, out_h, out_w)
+        return self.avgpool(x)
+
+    def pools_for_real(self, crop):
+        """True when crops of `crop` pixels take the pooling itself (no deterministic CUDA
+        backward), found by one forward of the trunk on a blank image."""
+        weight = next(self.features.parameters())
+        with torch.no_grad():
+            _, _, h, w = self.features(weight.new_zeros(1, 3, crop, crop)).shape
+        out_h, out_w = pool_size(self.avgpool)
+        return not (out_h % h == 0 and out_w % w == 0)
 
     def forward(self, x):
         feat = self.fc7(x)
@@ -172,6 +198,11 @@ class StoredFeatures(nn.Module):
 
     def fc7(self, x):
         return x.float()
+
+
+def pool_size(pool):
+    size = pool.output_size
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def check_shapes(path, what, net, saved):

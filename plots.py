@@ -93,10 +93,15 @@ def check_codes(npz_path, codes):
                if codes[k].ndim == 2}
     bad = [f"{k} {codes[k].shape}" for k, n in expect.items()
            if codes[k].ndim != 2 or len(codes[k]) != n or codes[k].dtype.kind not in 'iub']
-    if bad or len(bits) != 1 or len(classes) != 1 or not q or not d:
+    if bad or len(bits) != 1 or len(classes) != 1 or not q or not d or not min(bits):
         raise settings.UserError(f"{npz_path}: codes or labels of unexpected shapes or types "
                                  f"({', '.join(bad) or 'widths differ'}); expected integer "
                                  f"items x bits codes and items x classes labels")
+    for key in ('query_img', 'query_txt', 'db_img', 'db_txt'):
+        if codes[key].dtype.kind == 'b' or not np.isin(codes[key], (-1, 1)).all():
+            found = ', '.join(str(v) for v in np.unique(codes[key])[:5])
+            raise settings.UserError(f"{npz_path}: {key} holds the values {found}; expected "
+                                     f"hash codes of -1 and +1 (train.py's codes files)")
 
 
 def read_json(path):
@@ -129,7 +134,8 @@ def run_info(npz_path):
 def r_values(db_size, dataset=None, points=50):
     """Up to `points` evenly spaced R from 1 to the paper's R_max (or the database size)."""
     r_max = min(R_MAX.get(dataset, db_size), db_size)
-    return np.unique(np.linspace(1, r_max, points).round().astype(np.int64))
+    # more points than R values would only repeat them (and --points 10**12 fill memory)
+    return np.unique(np.linspace(1, r_max, min(points, r_max)).round().astype(np.int64))
 
 
 def curves(codes, r):
@@ -163,6 +169,7 @@ def draw(series, out_path, title=None):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     for label, c in series:
+        label = plain_text(label)
         for col, direction in enumerate(DIRECTIONS):
             d = c[direction]
             axes[0, col].plot(c['r'], d['p_at_r'], label=label)
@@ -177,7 +184,7 @@ def draw(series, out_path, title=None):
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize='small')
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain_text(title))
     fig.tight_layout()
     try:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +194,12 @@ def draw(series, out_path, title=None):
                                  f"{err})") from err
     finally:
         plt.close(fig)
+
+
+def plain_text(text):
+    """Text that matplotlib draws as written: a '$' would start a formula (a run directory
+    named 'a$b$c' would fail to parse or be drawn as mathematics)."""
+    return text.replace('$', r'\$')
 
 
 FORMATS = ('png', 'pdf', 'svg', 'jpg', 'jpeg', 'eps', 'tif', 'tiff', 'webp')
@@ -205,9 +218,16 @@ def check_out(path):
 
 
 # ===== command line =====
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors one line (settings.run_cli: exit status 2) like every other."""
+
+    def error(self, message):
+        raise settings.UserError(f"{message}; see python plots.py --help")
+
+
 def parse(argv):
     """The command line, checked; nothing is read or drawn."""
-    p = argparse.ArgumentParser(prog='plots.py', description=__doc__.split('\n')[0])
+    p = Parser(prog='plots.py', description=__doc__.split('\n')[0])
     p.add_argument('runs', nargs='+', metavar='RUN_DIR',
                    help="run directories or codes .npz files; one line each")
     p.add_argument('--out', required=True, help="the PNG file to write")

@@ -24,6 +24,8 @@ import hashlib
 import os
 import sys
 import types
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -53,6 +55,10 @@ SETTINGS = dict(
 COMMANDS = ('index', 'query')
 MODALITIES = ('image', 'text')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+# What GRID= may end in: formats matplotlib writes with Pillow installed (no ending: PNG).
+GRID_FORMATS = ('png', 'pdf', 'svg', 'jpg', 'jpeg', 'eps', 'tif', 'tiff', 'webp')
+# What np.load raises on a truncated, corrupt or foreign .npz file; anything else is a bug.
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 QUERY_CHUNK_BYTES = 2 ** 28  # distances and ids of one chunk of queries (evaluation)
 # Label names of the DEMO set: the colour each label paints (demo.DEMO_COLOURS).
 DEMO_LABEL_NAMES = ('red', 'green', 'blue', 'yellow', 'magenta', 'cyan', 'orange', 'white')
@@ -132,6 +138,8 @@ def faiss_map(qu_B, re_B, qu_L, re_L):
 def parse(argv):
     """(command, options namespace) from `index|query KEY=VALUE ... [--grid out.png]`."""
     argv = list(argv)
+    if any(arg in ('-h', '--help', 'help') for arg in argv):
+        raise settings.HelpRequested()   # run_cli prints the usage, exit status 0
     if not argv or argv[0] not in COMMANDS:
         raise UserError(f"expected a command, {' or '.join(COMMANDS)}: python search.py index "
                         f"RUN=<run dir> | python search.py query RUN=<run dir> TEXT=\"words\"")
@@ -166,7 +174,27 @@ def options(pairs):
         raise UserError("settings K and BATCH: expected integers of at least 1")
     if not opts['RUN']:
         raise UserError("setting RUN: expected the run directory, RUN=<OUT_DIR/RUN_NAME>")
+    if opts['GRID']:
+        check_grid(opts['GRID'], opts['IMAGE'])
     return types.SimpleNamespace(**opts)
+
+
+def check_grid(path, query_image):
+    """GRID names a picture file that can be written, checked before any work is done."""
+    ending = os.path.splitext(path)[1][1:].lower()
+    if ending and ending not in GRID_FORMATS:
+        raise UserError(f"GRID={path!r}: .{ending} is not a picture format; expected a name "
+                        f"ending in {', '.join('.' + f for f in GRID_FORMATS)}")
+    if os.path.isdir(path):
+        raise UserError(f"GRID={path!r}: is a folder; expected a file name such as "
+                        f"{os.path.join(path, 'hits.png')}")
+    folder = os.path.dirname(path) or '.'
+    if not os.path.isdir(folder):
+        raise UserError(f"GRID={path!r}: no folder {folder}; expected a file in an existing "
+                        f"folder")
+    if query_image and os.path.exists(path) and os.path.samefile(path, query_image):
+        raise UserError(f"GRID={path!r}: is the query image IMAGE=; expected another file "
+                        f"name (the query image is never overwritten)")
 
 
 def option_value(key, text):
@@ -186,24 +214,38 @@ def option_value(key, text):
 # ===== the run: settings, checkpoint, networks, codes =====
 def open_run(path):
     """The run's settings (defaults for keys it predates) and checkpoint, read-only."""
-    import json
     ckpt = os.path.join(path, 'checkpoint.pt')
     if not os.path.isdir(path):
-        raise UserError(f"RUN={path!r}: no such directory; expected a run directory of train.py")
+        what = 'is a file' if os.path.exists(path) else 'no such directory'
+        raise UserError(f"RUN={path!r}: {what}; expected a run directory of train.py")
     if not os.path.isfile(ckpt):
         raise UserError(f"RUN={path!r}: no checkpoint.pt; expected a run directory written by "
                         f"train.py")
+    cfg = run_settings(os.path.join(path, 'settings.json'))
+    state = read_checkpoint(ckpt)
+    return types.SimpleNamespace(dir=path, cfg=cfg, state=state, ckpt=ckpt,
+                                 fingerprint=fingerprint(state, cfg.CODE_LEN),
+                                 img_net=None, txt_net=None, data=None)
+
+
+def run_settings(path):
+    """The settings a run was trained with, checked as train.py checks its command line
+    (settings it predates take their defaults; settings newer than this code are ignored)."""
+    import json
     try:
-        with open(os.path.join(path, 'settings.json')) as f:
+        with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError) as err:
-        raise UserError(f"{os.path.join(path, 'settings.json')}: cannot be read "
-                        f"({matfile.one_line(err)}); expected train.py's settings.json") from None
-    cfg = {**settings.defaults(), **{k: v for k, v in saved.items() if k.isupper()}}
-    state = read_checkpoint(ckpt)
-    return types.SimpleNamespace(dir=path, cfg=types.SimpleNamespace(**cfg), state=state,
-                                 ckpt=ckpt, fingerprint=fingerprint(state, cfg['CODE_LEN']),
-                                 nets=None, data=None)
+        raise UserError(f"{path}: cannot be read ({matfile.one_line(err)}); expected "
+                        f"train.py's settings.json") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: a JSON {type(saved).__name__}; expected train.py's "
+                        f"settings.json (an object)")
+    known = settings.defaults()
+    try:
+        return settings.resolve(**{k: v for k, v in saved.items() if k in known})
+    except UserError as err:
+        raise UserError(f"{path}: {err} (this file is not as train.py writes it)") from None
 
 
 def read_checkpoint(path):
@@ -223,33 +265,101 @@ def fingerprint(state, code_len):
     return digest.hexdigest()
 
 
-def networks(run):
-    """The run's image and text networks in eval mode, on the CPU (built once)."""
-    if run.nets is None:
+def on_features(run):
+    """True for a run trained on stored image features (docs/features.md): its image
+    network is an MLP on feature vectors, and the CNN that made them is not in the run."""
+    return settings.uses_image_features(run.cfg)
+
+
+def image_net(run):
+    """The run's image network in eval mode, on the CPU (built once, only when used): the
+    CNN of BACKBONE, or on a features run the MLP in the shapes the checkpoint holds."""
+    if run.img_net is None:
         import models
-        cfg, state = run.cfg, run.state
+        cfg, state = run.cfg, run.state['img_net']
+        what = (f"an MLP on stored features ({feature_source(run)})" if on_features(run)
+                else f"BACKBONE={cfg.BACKBONE!r}")
         try:
-            img_net = models.ImgNet(cfg.BACKBONE, cfg.CODE_LEN, pretrained=False)
-            img_net.load_state_dict(state['img_net'])
-            txt_net = models.TxtNet(state['txt_net']['fc1.weight'].shape[1], cfg.CODE_LEN)
-            txt_net.load_state_dict(state['txt_net'])
-        except (RuntimeError, KeyError) as err:
-            raise UserError(f"checkpoint {run.ckpt}: its networks do not fit BACKBONE="
-                            f"{cfg.BACKBONE!r}, CODE_LEN={cfg.CODE_LEN} "
-                            f"({matfile.one_line(err)})") from None
-        run.nets = img_net.eval(), txt_net.eval()
-    return run.nets
+            if on_features(run):
+                first = state.get('classifier.0.weight', state['hash.weight'])
+                hidden = first.shape[0] if 'classifier.0.weight' in state else 0
+                net = models.FeatureImgNet(first.shape[1], cfg.CODE_LEN, hidden)
+            else:
+                net = models.ImgNet(cfg.BACKBONE, cfg.CODE_LEN, pretrained=False)
+            net.load_state_dict(state)
+        except (RuntimeError, KeyError, IndexError) as err:
+            raise UserError(f"checkpoint {run.ckpt}: its image network does not fit {what}, "
+                            f"CODE_LEN={cfg.CODE_LEN} ({matfile.one_line(err)})") from None
+        run.img_net = net.eval()
+    return run.img_net
+
+
+def text_net(run):
+    """The run's text network in eval mode, on the CPU (built once, only when used)."""
+    if run.txt_net is None:
+        import models
+        state = run.state['txt_net']
+        try:
+            net = models.TxtNet(state['fc1.weight'].shape[1], run.cfg.CODE_LEN)
+            net.load_state_dict(state)
+        except (RuntimeError, KeyError, IndexError) as err:
+            raise UserError(f"checkpoint {run.ckpt}: its text network does not fit CODE_LEN="
+                            f"{run.cfg.CODE_LEN} ({matfile.one_line(err)})") from None
+        run.txt_net = net.eval()
+    return run.txt_net
+
+
+def feature_source(run):
+    import train
+    return train.feature_source(run.cfg)
+
+
+def refuse_image_files(run, setting):
+    """On a features run a new image cannot be encoded: one line saying why, and what works."""
+    if on_features(run):
+        raise UserError(f"{setting}: this run was trained on stored image features "
+                        f"({feature_source(run)}): its image network reads feature vectors, "
+                        f"and the CNN that made them is not part of the run, so it cannot "
+                        f"encode an image file; query with TEXT=, TEXT_OF=<pair> or "
+                        f"IMAGE_OF=<pair> (the pair's stored features)")
 
 
 def run_data(run, data_dir=''):
-    """The run's dataset (images read lazily), split as the checkpoint saved it."""
+    """The run's dataset (images read lazily), split as the checkpoint saved it. data.texts
+    are what the text network reads, data.tags the dataset's own texts (what a hit shows):
+    they differ on a TEXT_FEATURES run."""
     if run.data is None:
-        cfg = types.SimpleNamespace(**{**vars(run.cfg), 'DATA_DIR': data_dir or run.cfg.DATA_DIR})
-        data = datasets.load(cfg, generate=False, verbose=False)
+        cfg = {**vars(run.cfg), 'DATA_DIR': data_dir or run.cfg.DATA_DIR}
+        data = datasets.load(types.SimpleNamespace(**{**cfg, 'TEXT_FEATURES': ''}),
+                             generate=False, verbose=False)
+        data.tags = data.texts
+        if run.cfg.TEXT_FEATURES:
+            import features
+            features.apply_text_features(types.SimpleNamespace(**cfg), data)
+        check_data_fits(run, data, cfg['DATA_DIR'])
         for key, idx in run.state['split'].items():
             setattr(data, key, idx.numpy())
         run.data = data
     return run.data
+
+
+def check_data_fits(run, data, data_dir):
+    """The data is the run's: its split, text width and feature width fit the checkpoint."""
+    where = f"the data in DATA_DIR={data_dir!r}"
+    n_pairs = len(data.labels)
+    if max(int(idx.max()) if len(idx) else -1 for idx in run.state['split'].values()) >= n_pairs:
+        raise UserError(f"checkpoint {run.ckpt}: its split indexes pairs beyond the {n_pairs} "
+                        f"of {where}; expected the data it was trained on (DATA_DIR=)")
+    widths = [('text', data.texts.shape[1], run.state['txt_net'].get('fc1.weight'))]
+    if on_features(run):
+        img = run.state['img_net']
+        widths.append(('image feature', data.images.dim,
+                       img.get('classifier.0.weight', img.get('hash.weight'))))
+    for what, width, weight in widths:
+        if weight is not None and weight.ndim == 2 and weight.shape[1] != width:
+            raise UserError(f"checkpoint {run.ckpt}: its {what} input is {weight.shape[1]}-d, "
+                            f"{where} gives {width}-d {what} vectors; expected the data it was "
+                            f"trained on")
 
 
 def encode_images(run, pil_images):
@@ -259,7 +369,16 @@ def encode_images(run, pil_images):
     transform = datasets.test_transform(run.cfg)
     batch = torch.stack([transform(img) for img in pil_images])
     with torch.inference_mode():
-        _, hid, _ = networks(run)[0](datasets.normalize(batch))
+        _, hid, _ = image_net(run)(datasets.normalize(batch))
+    return models.binarize(hid).numpy()
+
+
+def encode_features(run, rows):
+    """Codes (n, CODE_LEN) int8 of stored image features (a features run's image side)."""
+    import torch
+    import models
+    with torch.inference_mode():
+        _, hid, _ = image_net(run)(torch.from_numpy(np.array(rows, np.float32)))  # a copy
     return models.binarize(hid).numpy()
 
 
@@ -267,7 +386,7 @@ def encode_texts(run, vectors):
     import torch
     import models
     with torch.inference_mode():
-        _, hid, _ = networks(run)[1](torch.as_tensor(np.asarray(vectors, np.float32)))
+        _, hid, _ = text_net(run)(torch.from_numpy(np.array(vectors, np.float32)))  # a copy
     return models.binarize(hid).numpy()
 
 
@@ -281,16 +400,36 @@ def database_codes(run, opts):
         with np.load(path) as z:
             codes = {k: z[k] for k in ('db_img', 'db_txt', 'db_labels')}
             ids = z['db_index'] if 'db_index' in z.files else None
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"codes file {path}: cannot be read ({matfile.one_line(err)}); "
-                        f"expected db_img, db_txt and db_labels") from None
+    except NPZ_ERRORS as err:
+        raise UserError(f"codes file {path}: cannot be read, truncated or corrupt? "
+                        f"({matfile.one_line(err)}); expected db_img, db_txt and db_labels; "
+                        f"move it away to encode the database again") from None
     if ids is None:  # codes files written before they carried their pair numbers
         ids = run.state['split']['database'].numpy()
-    if not len(ids) == len(codes['db_img']) == len(codes['db_txt']) == len(codes['db_labels']):
-        raise UserError(f"codes file {path}: {len(codes['db_img'])} database rows, the split "
-                        f"has {len(ids)}; expected one row per database pair")
+    check_codes_file(run, path, codes, ids)
     print(f"database codes from {path}")
     return codes['db_img'], codes['db_txt'], np.asarray(ids, np.int64), codes['db_labels']
+
+
+def check_codes_file(run, path, codes, ids):
+    """One row per pair of the checkpoint's database split, CODE_LEN bits of -1 / +1,
+    2-D labels."""
+    database = run.state['split']['database'].numpy()
+    rows = {len(ids), *(len(codes[k]) for k in codes)}
+    if len(rows) != 1 or not np.array_equal(ids, database):
+        raise UserError(f"codes file {path}: {len(codes['db_img'])} database rows of pairs "
+                        f"other than the checkpoint's database split ({len(database)} pairs); "
+                        f"expected this run's codes file, one row per database pair")
+    for key in ('db_img', 'db_txt'):
+        a = codes[key]
+        if a.ndim != 2 or a.shape[1] != run.cfg.CODE_LEN or a.dtype == bool \
+                or not np.isin(a, (-1, 1)).all():
+            raise UserError(f"codes file {path}: {key} is {a.dtype} {a.shape}; expected "
+                            f"{run.cfg.CODE_LEN}-bit codes of -1 and +1, one row per pair")
+    labels = codes['db_labels']
+    if labels.ndim != 2 or labels.dtype.kind not in 'iub':
+        raise UserError(f"codes file {path}: db_labels is {labels.dtype} {labels.shape}; "
+                        f"expected 0/1 labels, one row per pair")
 
 
 def codes_file(run):
@@ -310,7 +449,8 @@ def encode_database(run, opts):
     img, txt = [], []
     for lo in tqdm(range(0, len(ids), opts.BATCH), desc='encode database', unit='batch'):
         part = ids[lo:lo + opts.BATCH]
-        img.append(encode_images(run, [data.images.pil(i) for i in part]))
+        img.append(encode_features(run, data.images.rows(part)) if on_features(run)
+                   else encode_images(run, [data.images.pil(i) for i in part]))
         txt.append(encode_texts(run, data.texts[part]))
     return np.concatenate(img), np.concatenate(txt), ids, data.labels[ids]
 
@@ -329,7 +469,11 @@ def save_index(run, collection, modality, codes, items, labels):
     index = flat_index(pack_codes(codes))
     blob = faiss.serialize_index_binary(index)
     index_path, meta_path = index_paths(run.dir, collection, modality)
-    os.makedirs(os.path.dirname(index_path), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(index_path), exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make the folder {os.path.dirname(index_path)} "
+                        f"({matfile.one_line(err)})") from None
     meta = dict(items=np.asarray(items), labels=np.asarray(labels, np.uint8),
                 code_len=run.cfg.CODE_LEN, fingerprint=run.fingerprint,
                 digest=hashlib.blake2b(blob.tobytes(), digest_size=16).hexdigest())
@@ -352,12 +496,12 @@ def load_index(run, collection, modality):
         with open(index_path, 'rb') as f:
             blob = f.read()
         with np.load(meta_path) as z:
-            meta = {k: z[k] for k in z.files}
+            meta = {k: z[k] for k in ('items', 'labels', 'code_len', 'fingerprint', 'digest')}
         meta['fingerprint'], meta['digest'] = str(meta['fingerprint']), str(meta['digest'])
         meta['code_len'] = int(meta['code_len'])
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"index {meta_path}: cannot be read ({matfile.one_line(err)}); "
-                        f"rebuild it with {build}") from None
+    except NPZ_ERRORS + (TypeError,) as err:   # TypeError: a key of another shape
+        raise UserError(f"index {meta_path}: cannot be read, truncated or corrupt? "
+                        f"({matfile.one_line(err)}); rebuild it with {build}") from None
     if hashlib.blake2b(blob, digest_size=16).hexdigest() != meta['digest']:
         raise UserError(f"index {index_path} is not the one {meta_path} was written with; "
                         f"rebuild it with {build}")
@@ -366,6 +510,9 @@ def load_index(run, collection, modality):
                         f"bits; expected this run's networks, CODE_LEN={run.cfg.CODE_LEN}); "
                         f"rebuild it with {build}")
     index = faiss.deserialize_index_binary(np.frombuffer(blob, np.uint8))
+    if not index.ntotal == len(meta['items']) == len(meta['labels']) or meta['labels'].ndim != 2:
+        raise UserError(f"index {meta_path}: {len(meta['items'])} items for the "
+                        f"{index.ntotal} codes of {index_path}; rebuild it with {build}")
     return index, meta
 
 
@@ -373,6 +520,7 @@ def load_index(run, collection, modality):
 def cmd_index(opts):
     run = open_run(opts.RUN)
     if opts.IMAGES:
+        refuse_image_files(run, f"IMAGES={opts.IMAGES!r}")
         paths, codes = encode_folder(run, opts.IMAGES, opts.BATCH)
         save_index(run, 'images', 'image', codes, paths, np.zeros((len(paths), 0)))
         return
@@ -394,12 +542,20 @@ def image_files(folder):
 
 def open_image(path):
     """An RGB PIL image (EXIF orientation applied), or None when it cannot be decoded."""
+    return decode_image(path)[0]
+
+
+def decode_image(path):
+    """(RGB PIL image, None), or (None, why it cannot be used)."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+            return ImageOps.exif_transpose(img).convert('RGB'), None
+    except Image.DecompressionBombError:
+        return None, (f"more pixels than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} "
+                      f"(a decompression bomb?); expected a smaller image")
+    except (OSError, ValueError, SyntaxError):
+        return None, "cannot be decoded; expected a JPEG or PNG image"
 
 
 def encode_folder(run, folder, batch):
@@ -424,32 +580,48 @@ def encode_folder(run, folder, batch):
 
 
 # ===== vocabulary and label names =====
-def vocabulary(run, opts):
+def vocabulary(run, opts, n_tags=None):
     """(words in YAll's column order, where they come from). The file has one word a line
-    (anything after a tab, such as prepare.py's counts, is ignored)."""
+    (anything after a tab, such as prepare.py's counts, is ignored). n_tags: the width of
+    the texts it names (None: what the text network reads)."""
     cfg = run.cfg
     if cfg.DATASET == 'Wiki':
         raise UserError("TEXT: Wiki's texts are topic vectors, not words; query with "
                         "TEXT_OF=<pair> or IMAGE=<file>")
-    path = opts.VOCAB or os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side_file(cfg, 'tags'))
+    side = side_file(cfg, 'tags')
+    if not (opts.VOCAB or side):
+        raise UserError(f"TEXT: no tag vocabulary is known for DATASET={cfg.DATASET!r}; "
+                        f"expected VOCAB=<file>, one word a line in the order of the text "
+                        f"vectors' columns")
+    path = opts.VOCAB or os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side)
     if not os.path.isfile(path) and cfg.DATASET == 'DEMO' and not opts.VOCAB:
-        return demo_vocabulary(), 'the DEMO vocabulary'
-    try:
-        with open(path, encoding='utf-8') as f:
-            words = [line.split('\t')[0].strip().lower() for line in f if line.strip()]
-    except OSError as err:
-        raise UserError(f"no tag vocabulary {path} ({err.strerror}): expected one word a line, "
-                        f"in the order of YAll's columns (prepare.py writes it), or VOCAB=<file>"
-                        ) from None
-    n_tags = int(run.state['txt_net']['fc1.weight'].shape[1])
+        words, path = demo_vocabulary(), 'the DEMO vocabulary'
+    else:
+        words = read_vocabulary(path)
+    if n_tags is None:
+        n_tags = int(run.state['txt_net']['fc1.weight'].shape[1])
     if len(words) != n_tags:
         raise UserError(f"vocabulary {path}: {len(words)} words; expected {n_tags}, one per "
                         f"column of YAll")
     return words, path
 
 
+def read_vocabulary(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return [line.split('\t')[0].strip().lower() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else 'not UTF-8 text'
+        raise UserError(f"no tag vocabulary {path} ({why}): expected one word a line, "
+                        f"in the order of YAll's columns (prepare.py writes it), or VOCAB=<file>"
+                        ) from None
+
+
 def side_file(cfg, what):
-    """prepare.py's side files: <DCMH prefix>-tags.txt and <DCMH prefix>-labels.txt."""
+    """prepare.py's side files: <DCMH prefix>-tags.txt and <DCMH prefix>-labels.txt; None
+    for a dataset that has no DCMH files (IAPR and MSCOCO exist here only as features)."""
+    if cfg.DATASET not in dcmh.DCMH_FILES:
+        return None
     return dcmh.DCMH_FILES[cfg.DATASET][0].replace('-iall.mat', f'-{what}.txt')
 
 
@@ -468,12 +640,13 @@ def label_names(run, opts, n_labels):
         return list(wiki.WIKI_CATEGORIES)
     if cfg.DATASET == 'DEMO':
         return list(DEMO_LABEL_NAMES)
-    path = os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side_file(cfg, 'labels'))
+    side, names = side_file(cfg, 'labels'), []
     try:
-        with open(path, encoding='utf-8') as f:
-            names = [line.strip() for line in f if line.strip()]
-    except OSError:
-        names = []
+        if side:
+            with open(os.path.join(opts.DATA_DIR or cfg.DATA_DIR, side), encoding='utf-8') as f:
+                names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        pass   # no names: label0, label1, ...
     return names if len(names) == n_labels else [f"label{c}" for c in range(n_labels)]
 
 
@@ -496,12 +669,13 @@ def make_query(run, opts):
         vector[0, [column[w] for w in q.words]] = 1
         q.code, q.title = encode_texts(run, vector), f"text \"{' '.join(q.words)}\""
     elif opts.IMAGE:
+        refuse_image_files(run, f"IMAGE={opts.IMAGE!r}")
         if not os.path.isfile(opts.IMAGE):
-            raise UserError(f"IMAGE={opts.IMAGE!r}: no such file; expected a JPEG or PNG image")
-        q.image = open_image(opts.IMAGE)
+            what = 'is a folder' if os.path.isdir(opts.IMAGE) else 'no such file'
+            raise UserError(f"IMAGE={opts.IMAGE!r}: {what}; expected a JPEG or PNG image")
+        q.image, why = decode_image(opts.IMAGE)
         if q.image is None:
-            raise UserError(f"IMAGE={opts.IMAGE!r}: cannot be decoded; expected a JPEG or PNG "
-                            f"image")
+            raise UserError(f"IMAGE={opts.IMAGE!r}: {why}")
         q.code, q.title = encode_images(run, [q.image]), f"image {opts.IMAGE}"
     else:
         pair_query(run, opts, q, given[0])
@@ -510,6 +684,10 @@ def make_query(run, opts):
 
 def text_words(run, opts):
     """(the known words of TEXT, the vocabulary); unknown words are named in a warning."""
+    if run.cfg.TEXT_FEATURES:
+        raise UserError(f"TEXT: this run's text network reads TEXT_FEATURES="
+                        f"{run.cfg.TEXT_FEATURES!r}, vectors that typed words cannot be turned "
+                        f"into; query with TEXT_OF=<pair> or IMAGE_OF=<pair>")
     words = opts.TEXT.replace(',', ' ').lower().split()
     vocab, source = vocabulary(run, opts)
     known = set(vocab)
@@ -531,20 +709,31 @@ def pair_query(run, opts, q, key):
     q.labels = data.labels[pair]
     if key == 'TEXT_OF':
         q.code = encode_texts(run, data.texts[pair:pair + 1])
-        q.words = text_of(run, opts, data.texts[pair])
+        q.words = text_of(run, opts, data.tags[pair])
         q.title = f"text of pair {pair}"
+    elif on_features(run):   # the pair's stored features; there is no picture to show
+        q.code = encode_features(run, data.images.rows([pair]))
+        q.words, q.title = no_picture(pair), f"image of pair {pair} (its stored features)"
     else:
         q.image = data.images.pil(pair)
         q.code, q.title = encode_images(run, [q.image]), f"image of pair {pair}"
 
 
+def no_picture(pair):
+    """What a grid shows for an image of a features run."""
+    return [f"pair {pair}:", "image features, no picture"]
+
+
 def text_of(run, opts, vector):
-    """The words of a text vector; column numbers when there is no vocabulary file."""
-    columns = np.flatnonzero(vector)
+    """The words of a text vector (data.tags); column numbers when there is no vocabulary
+    file; a vector that is no bag of words is only named."""
     if run.cfg.DATASET == 'Wiki':
         return [f"topic{c}:{vector[c]:.2f}" for c in np.argsort(-vector)[:3]]
+    if not np.isin(vector, (0, 1)).all():
+        return [f"({len(vector)}-d text vector)"]
+    columns = np.flatnonzero(vector)
     try:
-        vocab = vocabulary(run, opts)[0]
+        vocab = vocabulary(run, opts, len(vector))[0]
     except UserError:
         return [f"tag{c}" for c in columns]
     return [vocab[c] for c in columns]
@@ -559,6 +748,8 @@ def cmd_query(opts):
                              else 'text')
     if opts.COLLECTION == 'images' and target == 'text':
         raise UserError("COLLECTION=images holds images only; use TARGET=image")
+    if opts.COLLECTION == 'images':
+        refuse_image_files(run, "COLLECTION=images")
     index, meta = load_index(run, opts.COLLECTION, target)
     if opts.K > index.ntotal:
         raise UserError(f"K={opts.K}: the {opts.COLLECTION} {target} index holds only "
@@ -584,7 +775,10 @@ def describe_hits(run, opts, meta, target, dist, rows):
     out = types.SimpleNamespace(rows=[], names_of=lambda lab: [names[c] for c in
                                                                 np.flatnonzero(lab)])
     database = opts.COLLECTION == 'database'
-    data = run_data(run, opts.DATA_DIR) if database and (target == 'text' or opts.GRID) \
+    # the dataset: for the tags of text hits, and for the pictures of a grid (a features
+    # run has none to show)
+    pictures = opts.GRID and target == 'image' and not on_features(run)
+    data = run_data(run, opts.DATA_DIR) if database and (target == 'text' or pictures) \
         else None
     for rank, (d, row) in enumerate(zip(dist, rows), 1):
         hit = types.SimpleNamespace(rank=rank, distance=int(d), item=meta['items'][row],
@@ -595,8 +789,10 @@ def describe_hits(run, opts, meta, target, dist, rows):
         if hit.labels is not None:
             line += f"  {','.join(out.names_of(hit.labels)) or '-'}"
         if target == 'text':
-            hit.words = text_of(run, opts, data.texts[int(hit.item)])
+            hit.words = text_of(run, opts, data.tags[int(hit.item)])
             line += f"  {' '.join(hit.words)}"
+        elif database and on_features(run):
+            hit.words = no_picture(hit.item)
         hit.line = line
         out.rows.append(hit)
     return out
@@ -622,11 +818,11 @@ def write_grid(path, q, hits, target, columns=6):
         shares = None if q.labels is None or hit.labels is None else bool(
             (np.asarray(q.labels) > 0) @ (np.asarray(hit.labels) > 0))
         colour = {True: '#2ca02c', False: '#d62728', None: '#888888'}[shares]
-        image = hit_image(hit) if target == 'image' else None
+        image = hit_image(hit) if target == 'image' and not hit.words else None
         panel(ax, image, hit.words, f"#{hit.rank}  d={hit.distance}", colour)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or 'png', dpi=100)
+    fig.savefig(buffer, format=os.path.splitext(path)[1][1:].lower() or 'png', dpi=100)
     plt.close(fig)
     try:
         train.atomic_write(path, lambda f: f.write(buffer.getvalue()))
@@ -642,7 +838,8 @@ def panel(ax, image, words, title, colour):
     if image is not None:
         ax.imshow(image)
     else:
-        ax.text(0.5, 0.5, textwrap.fill(' '.join(words or ['(unreadable)'])[:200], 22),
+        text = textwrap.fill(' '.join(words or ['(unreadable)'])[:200], 22)
+        ax.text(0.5, 0.5, text.replace('$', r'\$'),   # a '$' would start a formula
                 ha='center', va='center', fontsize=8, transform=ax.transAxes)
     ax.set_title(title, fontsize=9, color=colour)
     for spine in ax.spines.values():

@@ -67,10 +67,10 @@ RUN_NAME = ''            # '' = derived from dataset, variant, backbone, code le
 RESUME = True            # continue from the run directory's checkpoint if there is one
 KEEP_OPTIMIZER = False   # keep the optimisers' state in the final checkpoint (to train on later)
 DEVICE = ''              # '' = cuda when available, else cpu
-DETERMINISTIC = False    # deterministic kernels (bit-identical reruns on CPU)
-BF16 = False             # CUDA only: bf16 autocast for the CNN forwards (S and the loss stay fp32)
+DETERMINISTIC = False    # deterministic kernels (bit-identical reruns on one machine)
+BF16 = False             # bf16 autocast for the CNN forwards, CPU or CUDA (tanh, S, loss stay fp32)
 TF32 = False             # CUDA only: allow TF32 matmuls and convolutions
-CHANNELS_LAST = True     # CUDA only: channels_last memory format for the CNNs
+CHANNELS_LAST = False    # channels_last memory format for the CNNs, CPU or CUDA (rounding only)
 
 # Per-dataset hyperparameters of the authors' code (their per-dataset settings blocks).
 PRESETS = {
@@ -243,8 +243,8 @@ def validate(cfg):
     need(cfg['MU'] > 0, 'MU', RANGES['MU'][2])
     need(cfg['RESIZE'] >= cfg['CROP'], 'RESIZE', f"at least CROP={cfg['CROP']}")
     need(cfg['BACKBONE'] in BACKBONES, 'BACKBONE', f"one of {', '.join(BACKBONES)}")
-    need(cfg['DEVICE'] in ('', 'cpu') or cfg['DEVICE'].startswith('cuda'), 'DEVICE',
-         "'', 'cpu' or 'cuda[:N]'")
+    need(cfg['DEVICE'] in ('', 'cpu') or re.fullmatch(r'cuda(:\d+)?', cfg['DEVICE']),
+         'DEVICE', "'', 'cpu' or 'cuda[:N]'")
     need(cfg['OUT_DIR'] != '', 'OUT_DIR', "a folder ('.' for the current one)")
     need(stays_inside(cfg['RUN_NAME']), 'RUN_NAME',
          "a name inside OUT_DIR (relative, no '..', '.' or empty parts)")

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -87,9 +88,10 @@ class Session:
                                          cfg.PRETRAINED_PATH).to(self.device)
         self.feat_net = self.img_net.frozen_copy()
         self.txt_net = models.TxtNet(data.texts.shape[1], cfg.CODE_LEN).to(self.device)
-        if self.device.type == 'cuda' and cfg.CHANNELS_LAST:
+        if cfg.CHANNELS_LAST:
             self.img_net.to(memory_format=torch.channels_last)
             self.feat_net.to(memory_format=torch.channels_last)
+        self.check_deterministic()
         img_params = (self.img_net.parameters() if cfg.TRAIN_ALL_IMG
                       else self.img_net.head_parameters())
         if not cfg.TRAIN_ALL_IMG:  # Wiki: the conv layers never change, so need no gradient
@@ -101,19 +103,30 @@ class Session:
                                        momentum=cfg.MOMENTUM, weight_decay=cfg.WEIGHT_DECAY,
                                        fused=True)
 
+    def check_deterministic(self):
+        """DETERMINISTIC=True on CUDA needs a deterministic backward through the trunk's
+        pooling (models.ImgNet.pool): refuse, in one line, crops that take the pooling."""
+        cfg = self.cfg
+        if (cfg.DETERMINISTIC and self.device.type == 'cuda' and not self.on_features
+                and cfg.TRAIN_ALL_IMG and self.img_net.pools_for_real(cfg.CROP)):
+            raise UserError(f"setting DETERMINISTIC=True: {cfg.BACKBONE} at CROP={cfg.CROP} "
+                            f"pools its feature map with AdaptiveAvgPool2d, which has no "
+                            f"deterministic backward on CUDA; use CROP=224, "
+                            f"DETERMINISTIC=False, or DEVICE='cpu'")
+
     # ----- training -----
 
     def images_to_device(self, images):
         if self.on_features:
             return images.to(self.device, non_blocking=True)
         images = datasets.normalize(images.to(self.device, non_blocking=True))
-        if self.device.type == 'cuda' and self.cfg.CHANNELS_LAST:
+        if self.cfg.CHANNELS_LAST:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
     def autocast(self):
-        return torch.autocast('cuda', dtype=torch.bfloat16,
-                              enabled=self.cfg.BF16 and self.device.type == 'cuda')
+        """bf16 autocast for the CNN forwards with BF16=True, on the CPU as on CUDA."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.BF16)
 
     def train_step(self, images, texts):
         cfg = self.cfg
@@ -135,9 +148,10 @@ class Session:
 
     def train_epoch(self, epoch, skip=0):
         """Train on the batches of the 0-based `epoch` from batch `skip` on, yielding each
-        batch's loss. The epoch's batches, crops and dropout depend only on (SEED, epoch): a
-        resumed epoch replays the loader to batch `skip`, then goes on with the random state
-        the checkpoint restored, and draws what an uninterrupted one draws."""
+        batch's loss (a tensor on the device: Run reads them in bulk). The epoch's batches,
+        crops and dropout depend only on (SEED, epoch): a resumed epoch replays the loader to
+        batch `skip`, then goes on with the random state the checkpoint restored, and draws
+        what an uninterrupted one draws."""
         cfg = self.cfg
         alpha_epoch = epoch if cfg.ANNEAL else 0  # alpha = sqrt(0 + 1) = 1 without annealing
         self.img_net.set_alpha(alpha_epoch)
@@ -153,7 +167,7 @@ class Session:
                 if i == skip - 1:
                     self.set_rng_state(resume_rng)
                 continue
-            yield self.train_step(images, texts).item()
+            yield self.train_step(images, texts)
 
     # ----- evaluation -----
 
@@ -200,15 +214,23 @@ class Session:
     # ----- state -----
 
     def rng_state(self):
+        """The CPU's random state, and the training GPU's (dropout draws there); not the
+        other GPUs', which the run never uses."""
         state = {'cpu': torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state['cuda'] = torch.cuda.get_rng_state_all()
+        if self.device.type == 'cuda':
+            state['cuda'] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def set_rng_state(self, state):
+    def set_rng_state(self, state, trained_on=0):
+        """Restore rng_state(); on CUDA into the training device. Older checkpoints hold a
+        list, one state per visible GPU: the one of GPU `trained_on` (the index the run
+        trained on) is taken, if that list has it."""
         torch.set_rng_state(state['cpu'])
-        if 'cuda' in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state['cuda'])
+        cuda = state.get('cuda')
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[trained_on] if trained_on < len(cuda) else None
+        if cuda is not None and self.device.type == 'cuda':
+            torch.cuda.set_rng_state(cuda, self.device)
 
     def state_dict(self, optimizer=True):
         """The networks, the split and the settings (what EVAL=True and search need), and
@@ -245,7 +267,9 @@ class Session:
         if optimizer:
             load_weights(path, 'opt_img', self.opt_img, state['opt_img'])
             load_weights(path, 'opt_txt', self.opt_txt, state['opt_txt'])
-            self.set_rng_state(state['rng'])
+            relay_momentum(self.opt_img)
+            relay_momentum(self.opt_txt)
+            self.set_rng_state(state['rng'], saved_gpu(state['settings']))
         for key, idx in split.items():
             setattr(self.data, key, idx)
 
@@ -281,6 +305,25 @@ def read_checkpoint(path, mmap=False, advice="move it away, or pass RESUME=False
         raise UserError(f"checkpoint {path}: not a checkpoint written by train.py ({found}); "
                         f"{advice}")
     return state
+
+
+def relay_momentum(optimizer):
+    """Each momentum buffer on its weight's device and in its memory layout. A checkpoint
+    keeps the layout it was saved in, and DEVICE and CHANNELS_LAST may change on resume:
+    load_state_dict moves the buffers but keeps their strides, and fused SGD then refuses
+    (CUDA) or pairs the wrong elements (CPU)."""
+    for group in optimizer.param_groups:
+        for weight in group['params']:
+            buf = optimizer.state.get(weight, {}).get('momentum_buffer')
+            if buf is not None and (buf.device != weight.device
+                                    or buf.stride() != weight.stride()):
+                optimizer.state[weight]['momentum_buffer'] = torch.empty_like(weight).copy_(buf)
+
+
+def saved_gpu(saved_settings):
+    """The index of the GPU a checkpoint's run trained on, as far as its DEVICE says."""
+    match = re.fullmatch(r'cuda:(\d+)', str(saved_settings.get('DEVICE', '')))
+    return int(match.group(1)) if match else 0
 
 
 def load_weights(path, key, module, state):
@@ -375,11 +418,23 @@ def feature_source(cfg):
 
 
 def pick_device(cfg):
-    if cfg.DEVICE:
-        if cfg.DEVICE.startswith('cuda') and not torch.cuda.is_available():
-            raise UserError(f"setting DEVICE={cfg.DEVICE!r}: CUDA is not available here")
+    """The device of DEVICE (or CUDA when there is one), made the current CUDA device so
+    that CUDA work not given a device (the loader's pinned-memory thread) goes there too."""
+    if not cfg.DEVICE:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    elif not cfg.DEVICE.startswith('cuda'):
         return torch.device(cfg.DEVICE)
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    elif not torch.cuda.is_available():
+        raise UserError(f"setting DEVICE={cfg.DEVICE!r}: CUDA is not available here")
+    else:
+        device = torch.device(cfg.DEVICE)
+    if device.type == 'cuda' and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise UserError(f"setting DEVICE={cfg.DEVICE!r}: this machine has {count} CUDA "
+                            f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+        torch.cuda.set_device(device)
+    return device
 
 
 def configure_torch(cfg):
@@ -536,16 +591,16 @@ class Run:
     def loop(self):
         """Epochs from where the run stands to NUM_EPOCH: train, log, evaluate, save."""
         cfg, p = self.cfg, self.progress
+        read_every = 1 if self.session.device.type == 'cpu' else LOSS_READ_EVERY
         while p.epoch < cfg.NUM_EPOCH and not self.stop_requested:
-            start, first_step = time.perf_counter(), p.step
+            start, first_step, pending = time.perf_counter(), p.step, []
             for loss in self.session.train_epoch(p.epoch, skip=p.step):
-                if not math.isfinite(loss):
-                    raise UserError(f"loss is {loss} at epoch {p.epoch + 1}, step {p.step + 1}; "
-                                    f"stopped (the last good checkpoint is kept); settings: "
-                                    f"{settings_line(cfg)}")
-                p.step, p.loss_sum = p.step + 1, p.loss_sum + loss
+                pending.append(loss)
+                if len(pending) == read_every or self.stop_requested:
+                    self.count_losses(pending)
                 if self.stop_requested:
                     break
+            self.count_losses(pending)
             seconds = time.perf_counter() - start
             p.train_s += seconds
             if self.stop_requested:
@@ -564,6 +619,19 @@ class Run:
             print(f"interrupted: saved {self.ckpt} at epoch {p.epoch}, step {p.step}; "
                   f"run the same command to continue")
             sys.exit(130)
+
+    def count_losses(self, pending):
+        """Move the steps whose losses are in `pending` (tensors on the device) into the
+        progress, and empty it: one read of the device for them all, since each read waits
+        for the device to finish its queue."""
+        cfg, p = self.cfg, self.progress
+        for loss in torch.stack(pending).tolist() if pending else []:
+            if not math.isfinite(loss):
+                raise UserError(f"loss is {loss} at epoch {p.epoch + 1}, step {p.step + 1}; "
+                                f"stopped (the last good checkpoint is kept); settings: "
+                                f"{settings_line(cfg)}")
+            p.step, p.loss_sum = p.step + 1, p.loss_sum + loss
+        pending.clear()
 
     def evaluate_and_save(self, tag=''):
         """Evaluate the networks now; save the codes; log the result (tag '' only: EVAL=True
@@ -719,6 +787,10 @@ class Run:
             write_json(os.path.join(self.dir, 'eval.json'), result)
             print(f"evaluated {self.ckpt}; written {os.path.join(self.dir, 'eval.json')}")
 
+
+# Steps between two reads of the losses on a GPU (on the CPU each step's is read at once):
+# a non-finite loss stops the run at most this many steps late, naming its own step.
+LOSS_READ_EVERY = 50
 
 FRESH_START_REMOVES = ('metrics.jsonl', 'results.json', 'timing.json', 'eval.json')
 

@@ -343,6 +343,15 @@ def test_normalize_matches_totensor_normalize():
     got = datasets.normalize(torch.from_numpy(arrays).permute(0, 3, 1, 2))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the mean and std are made once per device (on a GPU each making is a wait), and
+    # stay ordinary tensors when first made under inference mode
+    datasets.imagenet_stats.cache_clear()
+    with torch.inference_mode():
+        datasets.normalize(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+    again = datasets.normalize(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+    assert torch.equal(again, got) and not again.is_inference()
+    info = datasets.imagenet_stats.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
 
 
 def test_train_loader_reproducible_with_workers(layouts):

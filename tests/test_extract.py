@@ -113,6 +113,34 @@ def test_partial_file_of_other_settings_is_not_resumed(tiny, uninterrupted, tmp_
     np.testing.assert_array_equal(out, uninterrupted)
 
 
+def test_partial_file_of_another_device_is_not_resumed(tiny, uninterrupted, tmp_path,
+                                                       monkeypatch, capsys):
+    """Rows of a GPU and of the CPU round differently: never in one file. And the rows are
+    computed under train.py's torch settings (TF32 off unless TF32=True)."""
+    folder = tmp_path / 'mir'
+    copy_dataset(tiny, folder)
+    cfg = settings_for(folder)
+    final = extract.output_path(cfg)
+    monkeypatch.setattr(extract, 'encode_batch', lambda *a: (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(SystemExit):
+        extract.extract(cfg)
+    monkeypatch.undo()
+    with open(final + '.progress.json') as f:
+        progress = json.load(f)
+    assert progress['identity']['device'] == 'cpu'
+    progress['identity']['device'] = 'cuda NVIDIA H200'   # as a GPU's partial file says
+    with open(final + '.progress.json', 'w') as f:
+        json.dump(progress, f)
+    configured = []
+    monkeypatch.setattr(extract.train, 'configure_torch', configured.append)
+    capsys.readouterr()
+    out = np.load(extract.extract(cfg))
+    assert 'made with other settings' in capsys.readouterr().out
+    np.testing.assert_array_equal(out, uninterrupted)
+    assert configured == [cfg]
+
+
 def test_refuses_to_extract_from_features(tiny):
     with pytest.raises(UserError, match='IMAGE_FEATURES'):
         extract.extract(settings_for(tiny, IMAGE_FEATURES='x.npy'))

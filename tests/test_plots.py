@@ -139,6 +139,15 @@ def broken(tmp_path, how):
         codes = make_codes(rng)
         codes['db_labels'] = codes['db_labels'][:, 0]   # 1-D labels
         np.savez(npz, **codes)
+    elif how in ('codes_01', 'codes_bool', 'no_bits'):
+        codes = make_codes(rng)
+        if how == 'codes_01':
+            codes['query_txt'] = (codes['query_txt'] > 0).astype(np.int8)
+        elif how == 'codes_bool':
+            codes['db_img'] = codes['db_img'] > 0
+        else:
+            codes = {k: v[:, :0] if k.endswith(('img', 'txt')) else v for k, v in codes.items()}
+        np.savez(npz, **codes)
     elif how == 'results_list':
         (run / 'results.json').write_text('[1, 2]')
     elif how == 'results_codes_number':
@@ -156,6 +165,9 @@ BROKEN = {  # case -> (output name, words of the one-line error)
     'npy_file': ('x.png', ['codes.npy', 'single array']),
     'text_file': ('x.png', ['notes.npz', 'cannot be read']),
     'shapes': ('x.png', ['epoch_003.npz', 'db_labels']),
+    'codes_01': ('x.png', ['epoch_003.npz', 'query_txt', 'values 0, 1', '-1 and +1']),
+    'codes_bool': ('x.png', ['epoch_003.npz', 'db_img', '-1 and +1']),
+    'no_bits': ('x.png', ['epoch_003.npz', 'unexpected shapes']),
     'results_list': ('x.png', ['results.json', 'list']),
     'results_codes_number': ('x.png', None),   # the codes it names cannot be: the latest ones
     'results_not_json': ('x.png', ['results.json', 'cannot be read']),
@@ -197,3 +209,26 @@ def test_out_names_exactly_the_file_written(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f'written: {out}'
     assert out.read_bytes()[:5] == b'%PDF-'
     assert [p.name for p in (tmp_path / 'figs').iterdir()] == ['curves.v2.pdf']
+
+
+@pytest.mark.parametrize('argv, words', [
+    ([], ['required: RUN_DIR, --out']),
+    (['run', '--out', 'x.png', '--epoch', 'last'], ['--epoch', "invalid int value: 'last'"]),
+])
+def test_command_line_errors_are_one_line(argv, words, capsys):
+    import settings
+    with pytest.raises(SystemExit) as exit_:
+        settings.run_cli(plots.main, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    assert all(word in err for word in words), err
+
+
+def test_dollar_signs_are_drawn_as_written(tmp_path):
+    """A run directory or title with '$' is text, not a formula for matplotlib to parse."""
+    run = save_run(tmp_path / r'run$\frac{$', make_codes(np.random.default_rng(7)))
+    out = tmp_path / 'c.png'
+    assert plots.main([str(run), '--out', str(out), '--title', r'$\frac{$ cost']) == 0
+    assert out.read_bytes()[:4] == b'\x89PNG'
+    assert plots.r_values(100, None, points=10 ** 12).tolist() == list(range(1, 101))

@@ -270,6 +270,10 @@ def test_unreadable_query_image(tiny_run, tmp_path):
     bad.write_bytes(b'\x89PNG truncated')
     with pytest.raises(UserError, match='cannot be decoded'):
         query(tiny_run, f'IMAGE={bad}')
+    huge = tmp_path / 'huge.png'   # valid, but past PIL's decompression-bomb limit
+    Image.new('1', (14000, 14000)).save(huge)
+    with pytest.raises(UserError, match="huge.png'?: more pixels than PIL's limit"):
+        query(tiny_run, f'IMAGE={huge}')
 
 
 def test_bad_runs_and_indexes(tiny_run, tmp_path):
@@ -317,6 +321,246 @@ def test_command_line(tiny_run, tmp_path):
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.count('\n') == 1 and bad.stderr.startswith('error: TEXT=')
+
+
+def test_help_prints_the_usage():
+    """--help (alone or after a command) is the usage on stdout and exit status 0."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'search.py'), '--help'],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stderr == '', out.stderr
+    assert 'python search.py query RUN=' in out.stdout
+    listed = out.stdout.split('Settings (KEY=VALUE')[1]
+    assert all(f"  {key} " in listed for key in search.SETTINGS)
+    with pytest.raises(settings.HelpRequested):
+        search.parse(['query', 'RUN=x', '-h'])
+
+
+# ===== runs trained on stored features =====
+@pytest.fixture(scope='module')
+def feature_runs(tmp_path_factory):
+    """Two 160-pair DEMO runs on stored image features (16 bits, one epoch): 'img' with the
+    dataset's bags of words, 'both' also on TEXT_FEATURES (and the hash layer alone on the
+    features, FEATURE_HIDDEN=0)."""
+    import train
+    base = tmp_path_factory.mktemp('search_features')
+    demo.make_demo(str(base / 'demo'), n_pairs=160)
+    rng = np.random.default_rng(0)
+    np.save(base / 'img.npy', rng.random((160, 24)).astype(np.float32))
+    np.save(base / 'txt.npy', rng.random((160, 12)).astype(np.float32))
+    runs = {}
+    for name, extra in (('img', dict(FEATURE_HIDDEN=8)),
+                        ('both', dict(FEATURE_HIDDEN=0, TEXT_FEATURES=str(base / 'txt.npy')))):
+        cfg = settings.resolve(DATASET='DEMO', DATA_DIR=str(base / 'demo'), BATCH_SIZE=16,
+                               IMAGE_FEATURES=str(base / 'img.npy'), CODE_LEN=16, NUM_EPOCH=1,
+                               NUM_WORKERS=0, EVAL_BATCH_SIZE=64, EVAL_UNTRAINED=False,
+                               OUT_DIR=str(base / 'runs'), RUN_NAME=name, DEVICE='cpu', **extra)
+        run = train.Run(cfg)
+        run.train_to_end()
+        search.main(['index', f'RUN={run.dir}'])
+        runs[name] = run.dir
+    return runs
+
+
+def hits_of(hits):
+    return [h.item for h in hits.rows], [h.distance for h in hits.rows]
+
+
+@pytest.mark.parametrize('name', ['img', 'both'])
+def test_pair_queries_on_a_features_run_rank_the_saved_codes(feature_runs, name):
+    """TEXT_OF and IMAGE_OF a query pair give the codes train.py's evaluation saved for it
+    (the text network, the feature MLP on the pair's stored row), ranked like a stable sort."""
+    run_dir = feature_runs[name]
+    codes = saved_codes(run_dir)
+    k = len(codes['db_img'])
+    for key, code, db in (('TEXT_OF', 'query_txt', 'db_img'), ('IMAGE_OF', 'query_img', 'db_txt')):
+        pair = int(codes['query_index'][2])
+        hits = query(run_dir, f'{key}={pair}', f'K={k}')
+        dist, rows = stable_ranking(codes[code][2:3], codes[db], k)
+        assert hits_of(hits) == (list(codes['db_index'][rows[0]]), list(dist[0]))
+
+
+def test_text_query_on_a_features_run(feature_runs, tmp_path):
+    """TEXT= needs only the text network: the hits are the ranking of the code of an
+    independently built TxtNet, against the image codes the run saved."""
+    import models
+    run_dir = feature_runs['img']
+    words = search.demo_vocabulary()
+    grid = tmp_path / 'hits.png'
+    hits = query(run_dir, f'TEXT={words[3]} {words[40]}', 'K=30', f'GRID={grid}')
+    state = torch.load(os.path.join(run_dir, 'checkpoint.pt'), weights_only=True)
+    net = models.TxtNet(len(words), 16)
+    net.load_state_dict(state['txt_net'])
+    vector = torch.zeros(1, len(words))
+    vector[0, [3, 40]] = 1
+    code = models.binarize(net.eval()(vector)[1]).numpy()
+    codes = saved_codes(run_dir)
+    dist, rows = stable_ranking(code, codes['db_img'], 30)
+    assert hits_of(hits) == (list(codes['db_index'][rows[0]]), list(dist[0]))
+    with Image.open(grid) as img:   # image hits drawn as named panels: no picture exists
+        assert img.size[0] > 600
+
+
+def test_features_run_encodes_its_database_again(feature_runs, tmp_path):
+    """Without the codes file, index encodes the database from the stored features and
+    the texts: the codes train.py saved."""
+    import faiss
+    for name, run_dir in feature_runs.items():
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        codes = saved_codes(run_dir)
+        shutil.rmtree(copy / 'codes')
+        search.main(['index', f'RUN={copy}'])
+        run = search.open_run(str(copy))
+        for modality, key in (('image', 'db_img'), ('text', 'db_txt')):
+            index, meta = search.load_index(run, 'database', modality)
+            stored = faiss.vector_to_array(index.xb).reshape(index.ntotal, -1)
+            np.testing.assert_array_equal(stored, np.packbits(codes[key] > 0, axis=1))
+
+
+def test_text_features_run_shows_the_tags(feature_runs, capsys):
+    """A TEXT_FEATURES run's text hits show the dataset's own tags, not its vectors."""
+    run_dir = feature_runs['both']
+    hits = query(run_dir, 'IMAGE_OF=7', 'K=4')
+    data = datasets.load(settings.resolve(DATASET='DEMO', DATA_DIR=search.open_run(
+        run_dir).cfg.DATA_DIR), generate=False, verbose=False)
+    words = search.demo_vocabulary()
+    for hit in hits.rows:
+        assert hit.words == [words[c] for c in np.flatnonzero(data.texts[hit.item])]
+    assert capsys.readouterr().out.splitlines()[-1].endswith(' '.join(hits.rows[-1].words))
+
+
+@pytest.mark.parametrize('name, args, message', [
+    ('img', ['IMAGE={photo}'], "IMAGE=.*trained on stored image features .*IMAGE_FEATURES="),
+    ('both', ['TEXT=red00'], "TEXT: this run's text network reads TEXT_FEATURES="),
+])
+def test_what_a_features_run_cannot_do(feature_runs, tmp_path, name, args, message):
+    photo = tmp_path / 'photo.png'
+    Image.new('RGB', (32, 32)).save(photo)
+    with pytest.raises(UserError, match=message):
+        query(feature_runs[name], *[a.format(photo=photo) for a in args])
+    with pytest.raises(UserError, match='cannot encode an image file'):
+        search.main(['index', f"RUN={feature_runs['img']}", f'IMAGES={tmp_path}'])
+    with pytest.raises(UserError, match='COLLECTION=images: this run was trained on stored'):
+        query(feature_runs[name], 'TEXT_OF=1', 'COLLECTION=images')
+
+
+# ===== hostile input: one line, exit status 2, nothing written =====
+def spoil(run_dir, tmp_path, case):
+    """A copy of a run spoiled one way, and the arguments that meet it."""
+    copy = tmp_path / 'run'
+    shutil.copytree(run_dir, copy)
+    codes = copy / 'codes' / 'epoch_001.npz'
+    meta = copy / 'search' / 'database_image.npz'
+    query_args = ['query', f'RUN={copy}', 'TEXT=red00']
+    if case == 'truncated codes':
+        codes.write_bytes(codes.read_bytes()[:700])
+        return ['index', f'RUN={copy}']
+    if case in ('codes of 0 and 1', 'codes of another split'):
+        with np.load(codes) as z:
+            arrays = dict(z)
+        if case == 'codes of 0 and 1':
+            arrays['db_img'] = (arrays['db_img'] > 0).astype(np.int8)
+        else:
+            arrays['db_index'] = arrays['db_index'][::-1].copy()
+        np.savez(codes, **arrays)
+        return ['index', f'RUN={copy}']
+    if case == 'truncated index':
+        meta.write_bytes(meta.read_bytes()[:300])
+    elif case == 'index without items':
+        with np.load(meta) as z:
+            np.savez(meta, **{k: z[k] for k in z.files if k != 'items'})
+    elif case == 'settings.json a list':
+        (copy / 'settings.json').write_text('[1, 2]')
+    elif case == 'settings.json bad value':
+        (copy / 'settings.json').write_text('{"CODE_LEN": "sixteen"}')
+    elif case == 'RUN a file':
+        return ['query', f"RUN={copy / 'checkpoint.pt'}", 'TEXT=red00']
+    elif case == 'search a file':
+        shutil.rmtree(copy / 'search')
+        (copy / 'search').write_text('mine')
+        return ['index', f'RUN={copy}']
+    return query_args
+
+
+SPOILED = {
+    'truncated codes': ['epoch_001.npz', 'cannot be read'],
+    'codes of 0 and 1': ['epoch_001.npz', 'db_img', '-1 and +1'],
+    'codes of another split': ['epoch_001.npz', "database split"],
+    'truncated index': ['database_image.npz', 'cannot be read', 'search.py index'],
+    'index without items': ['database_image.npz', 'items', 'search.py index'],
+    'settings.json a list': ['settings.json', 'JSON list'],
+    'settings.json bad value': ['settings.json', 'CODE_LEN'],
+    'RUN a file': ['checkpoint.pt', 'is a file'],
+    'search a file': ['search', 'cannot make the folder'],
+}
+BAD_ARGS = {   # arguments after `query` -> words of the one-line error
+    ('RUN={run}', 'TEXT=red00', '--grid', '{tmp}/hits.txt'): ['GRID=', '.txt is not a picture',
+                                                            '.png'],
+    ('RUN={run}', 'TEXT=red00', '--grid', '{tmp}'): ['GRID=', 'is a folder'],
+    ('RUN={run}', 'TEXT=red00', '--grid', '{tmp}/no/hits.png'): ['GRID=', 'no folder'],
+    ('RUN={run}', 'IMAGE_OF=3', 'K=0'): ['K and BATCH', 'at least 1'],
+    ('RUN={run}', 'IMAGE_OF=3', 'K=ten'): ['K=', 'expected an integer'],
+    ('RUN={run}', 'IMAGE_OF=500'): ['IMAGE_OF=500', 'from 0 to 159'],
+    ('RUN={run}', 'TEXT=red00', 'VOCAB={tmp}'): ['no tag vocabulary', 'VOCAB='],
+    ('RUN={run}', 'TEXT=red00', 'VOCAB={tmp}/binary.txt'): ['binary.txt', 'not UTF-8'],
+    ('RUN={run}', 'TEXT=red00', 'VOCAB={tmp}/short.txt'): ['short.txt', '2 words', 'expected 300'],
+    ('RUN={run}', 'TEXT_OF=3', 'DATA_DIR={tmp}'): ['missing file mirflickr25k-yall.mat'],
+    ('RUN={tmp}', 'TEXT=red00'): ['RUN=', 'no checkpoint.pt'],
+    ('TEXT=red00',): ['setting RUN', 'expected the run directory'],
+}
+
+
+def one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        settings.run_cli(search.main, argv)
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith('error: ') and captured.err.count('\n') == 1, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize('case', list(SPOILED))
+def test_spoiled_run_is_one_line(feature_runs, tmp_path, capsys, case):
+    argv = spoil(feature_runs['img'], tmp_path, case)
+    before = {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()}
+    err = one_line_error(argv, capsys)
+    for word in SPOILED[case]:
+        assert word in err, err
+    after = {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()}
+    assert after == before   # nothing changed, nothing left behind
+
+
+@pytest.mark.parametrize('args, words', list(BAD_ARGS.items()),
+                         ids=[' '.join(args) for args in BAD_ARGS])
+def test_bad_arguments_are_one_line(feature_runs, tmp_path, capsys, args, words):
+    (tmp_path / 'binary.txt').write_bytes(b'\xff\xfe\x00red\n')
+    (tmp_path / 'short.txt').write_text('red00\nred01\n')
+    args = [a.format(tmp=tmp_path, run=feature_runs['img']) for a in args]
+    err = one_line_error(['query', *args], capsys)
+    for word in words:
+        assert word in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['binary.txt', 'short.txt']
+
+
+def test_data_that_is_not_the_runs(tiny_run, feature_runs, tmp_path, capsys):
+    """DATA_DIR holding other data than the run's: its split or its widths do not fit."""
+    demo.make_demo(str(tmp_path / 'small'), n_pairs=100)
+    err = one_line_error(['query', f"RUN={tiny_run}", 'TEXT_OF=3',
+                          f"DATA_DIR={tmp_path / 'small'}"], capsys)
+    assert 'its split indexes pairs beyond the 100' in err
+    run = search.open_run(feature_runs['both'])
+    run.state['txt_net']['fc1.weight'] = torch.zeros(4096, 7)
+    with pytest.raises(UserError, match='its text input is 7-d, .* gives 12-d'):
+        search.run_data(run)
+
+
+def test_grid_never_overwrites_the_query_image(tiny_run, tmp_path, capsys):
+    photo = tmp_path / 'photo.png'
+    Image.new('RGB', (40, 40), 'red').save(photo)
+    before = photo.read_bytes()
+    err = one_line_error(['query', f'RUN={tiny_run}', f'IMAGE={photo}', '--grid', str(photo)],
+                         capsys)
+    assert 'is the query image' in err and photo.read_bytes() == before
 
 
 # ===== bench.py search's helpers =====
