@@ -402,7 +402,7 @@ def build_nuswide(cfg):
 
 def repack_images(cfg):
     """Rewrite the dataset's IAll with one image per chunk; the original is kept."""
-    path = datasets.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll')
+    path = dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll')
     var = matfile.describe(path, 'IAll')
     if var.version != 'v7.3':
         print(f"{path}: a v5 file, read whole; nothing to repack")
