@@ -12,6 +12,11 @@
   plain per-query loop with a stable sort, the way evaluation code in this field is usually
   written. Reports median times, the speed-up, the difference between the two values on the
   same queries, and the peak memory of each.
+- bench_loader (`python bench.py --part loader [DATASET=... DATA_DIR=...] [CHUNK=64]`, not
+  part of the default run): images per second per worker of datasets.make_loader with the
+  real transforms, training (first epoch, which reads the train split, and a later one)
+  and the database in file order, on DATA_DIR or on a MIRFlickr-sized replica it writes
+  once into data/bench-loader/ with CHUNK images an HDF5 chunk (docs/speed.md).
 - bench_search (`python bench.py search`, not part of the default run): FAISS binary
   indexes over 1 M and 10 M random 64-bit codes and 10 M 128-bit ones, uniform and
   clustered (clustered_codes): build time, bytes per item, single-query latency (median,
@@ -474,6 +479,166 @@ def print_extract(r):
     for run in r['runs']:
         print(f"N={run['n']}: {run['images_per_s']:.1f} images/s, peak memory "
               f"+{run['peak_bytes'] / 2 ** 20:.0f} MiB")
+
+
+# ===== the image loader at the real files' scale =====
+LOADER_PAIRS, LOADER_SIZE = 20015, 224     # MIRFlickr's pairs and image side
+LOADER_TAGS, LOADER_LABELS = 1386, 24
+LOADER_LEVEL = 3                           # gzip level of the replica's IAll
+LOADER_REPLICAS = os.path.join('data', 'bench-loader')   # replicas are kept here and reused
+LOADER_POOL = 256                          # distinct pictures the replica's images derive from
+
+
+def photo_pool(count, size, seed=0):
+    """(count, size, size, 3) uint8 pictures that gzip shrinks about as little as it does
+    photographs (to ~92%; the published IAll files are about as large as their raw pixels):
+    a smooth colour field, mid-scale texture and pixel noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    def upscale(cells, kind):
+        small = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(small).resize((size, size), kind), np.float32)
+    pool = np.empty((count, size, size, 3), np.uint8)
+    for k in range(count):
+        picture = 0.6 * upscale(8, Image.BICUBIC) + 0.3 * upscale(size // 8, Image.BILINEAR)
+        picture += rng.normal(0, 6, picture.shape)
+        pool[k] = np.clip(picture, 0, 255)
+    return pool
+
+
+def replica_images(pool, start, stop):
+    """Images start..stop-1 of a replica as (n, H, W, 3): pool picture i % len(pool), its
+    columns rolled by i // len(pool), so that no two images are equal."""
+    out = np.empty((stop - start,) + pool.shape[1:], np.uint8)
+    for i in range(start, stop):
+        out[i - start] = np.roll(pool[i % len(pool)], i // len(pool), axis=1)
+    return out
+
+
+def write_loader_replica(folder, chunk, n=LOADER_PAIRS, size=LOADER_SIZE, seed=0):
+    """MIRFlickr-sized DCMH files in `folder`: IAll written by matfile.add_mat73 as MATLAB lays
+    it out (H x W x 3 x N, stored (N, 3, W, H)), gzip level LOADER_LEVEL, `chunk` images a
+    chunk; YAll and LAll v5, random. Returns the seconds spent, or None when a complete
+    replica was already there (each file is written under a temporary name, then renamed)."""
+    import dcmh
+    import matfile
+    names = [os.path.join(folder, name) for name in dcmh.DCMH_FILES['MIRFlickr']]
+    if all(os.path.isfile(path) for path in names):
+        return None
+    os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, LOADER_LABELS)) < 0.12).astype(np.float64)
+    labels[np.arange(n), rng.integers(LOADER_LABELS, size=n)] = 1
+    texts = (rng.random((n, LOADER_TAGS)) < 0.005).astype(np.float64)
+    texts[np.arange(n), rng.integers(LOADER_TAGS, size=n)] = 1
+    matfile.write_mat5(names[1] + '.tmp', {'YAll': texts})
+    matfile.write_mat5(names[2] + '.tmp', {'LAll': labels})
+    pool = photo_pool(LOADER_POOL, size, seed)
+    tmp = names[0] + '.tmp'
+    with matfile.open_mat73(tmp) as f:
+        ds = matfile.add_mat73(f, 'IAll', (size, size, 3, n), np.uint8,
+                               chunks=(chunk, 3, size, size), compression='gzip',
+                               level=LOADER_LEVEL)
+        step = chunk * max(1, 256 // chunk)   # whole chunks at a time
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            ds[a:b] = replica_images(pool, a, b).transpose(0, 3, 2, 1)  # -> (N, 3, W, H)
+    matfile.finish_mat73(tmp)
+    for path in names[1:] + names[:1]:   # IAll last: the three present means complete
+        os.replace(path + '.tmp', path)
+    return time.perf_counter() - start
+
+
+def timed_pass(make_loader, seconds=0):
+    """(images, wall seconds, CPU seconds) of one pass over a loader, make_loader() included
+    (it starts the workers; for training it may fill a cache). The CPU seconds are this
+    process's and its workers' (counted when they exit): what the pass costs on cores of its
+    own, whatever else the machine runs. seconds > 0 stops after about that long."""
+    import gc
+    import resource
+    import datasets
+    def children():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+    start, start_cpu, start_children = time.perf_counter(), time.process_time(), children()
+    loader = make_loader()
+    count = 0
+    for batch in datasets.batches(loader):
+        count += len(batch[0])
+        if seconds and time.perf_counter() - start > seconds:
+            break
+    wall = time.perf_counter() - start
+    del loader, batch
+    gc.collect()   # the loader's iterator shuts its workers down and waits for them
+    cpu = time.process_time() - start_cpu + children() - start_children
+    return count, wall, cpu
+
+
+def bench_loader(cfg, epochs=2, seconds=0):
+    """Images per second per worker of datasets.make_loader (the real transforms) on cfg's
+    data: `epochs` training epochs (the first also reads the train split from the file),
+    then one pass over the database in file order; the peak memory of the main process
+    and of the largest worker."""
+    import resource
+    import datasets
+    import dcmh
+    import matfile
+    data = datasets.load(cfg, verbose=False)
+    ivar = matfile.describe(dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll'), 'IAll')
+    out = dict(dataset=cfg.DATASET, data_dir=cfg.DATA_DIR, workers=max(1, cfg.NUM_WORKERS),
+               storage=matfile.storage(ivar), n_train=len(data.train),
+               n_database=len(data.database), epochs=[])
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(epoch)
+        out['epochs'].append(timed_pass(
+            lambda: datasets.make_loader(data, 'train', cfg, generator=generator), seconds))
+    out['database'] = timed_pass(lambda: datasets.make_loader(data, 'database', cfg), seconds)
+    out['main_peak_bytes'] = _proc_status('VmHWM')
+    out['worker_peak_bytes'] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return out
+
+
+def print_loader(r):
+    """The two lines `loader train:` (the first epoch, which reads the file) and `loader
+    database:`, in images per CPU-second of the loading processes per worker: the rate of a
+    worker on a core of its own (the wall-clock rate, which depends on what else runs, is
+    on the lines below)."""
+    s = r['storage']
+    workers = r['workers']
+    where = (f"chunks of {s.chunks}, {s.compression} {s.level}" if s else "a v5 file")
+    print(f"== image loader: {r['dataset']} in {r['data_dir']} ({where}); "
+          f"{workers} worker{'s' * (workers > 1)} ==")
+    def rate(n, cpu):
+        return n / cpu if cpu else float("nan")
+    n, wall, cpu = r['epochs'][0]
+    print(f"loader train: {rate(n, cpu):.0f} images/s per worker")
+    for k, (n, wall, cpu) in enumerate(r['epochs'], 1):
+        print(f"  train epoch {k}{' (reads the file)' if k == 1 else ''}: {n} images, "
+              f"{cpu:.1f} CPU-s ({rate(n, cpu):.0f} images/s per worker), {wall:.1f} s wall "
+              f"({n / wall:.0f} images/s)")
+    n, wall, cpu = r['database']
+    print(f"loader database: {rate(n, cpu):.0f} images/s per worker")
+    print(f"  database: {n} of {r['n_database']} images in file order, {cpu:.1f} CPU-s, "
+          f"{wall:.1f} s wall ({n / wall:.0f} images/s); peak memory: main process "
+          f"{r['main_peak_bytes'] / 2 ** 30:.2f} GiB, largest worker "
+          f"{r['worker_peak_bytes'] / 2 ** 30:.2f} GiB")
+
+
+def main_loader(overrides, seconds, replicas=LOADER_REPLICAS):
+    """--part loader: on DATA_DIR if given, else on a replica written (once) with CHUNK."""
+    given = settings.parse_overrides(overrides)
+    cfg = settings.resolve(['DATASET=MIRFlickr', 'NUM_WORKERS=1', 'DEVICE="cpu"', *overrides],
+                           extra=dict(CHUNK=64))
+    if cfg.CHUNK < 1:
+        raise settings.UserError(f"setting CHUNK={cfg.CHUNK}: expected at least 1 image")
+    if 'DATA_DIR' not in given:
+        cfg.DATA_DIR = os.path.join(replicas, f"mirflickr-{LOADER_SIZE}px-chunk{cfg.CHUNK}")
+        print(f"replica: {cfg.DATA_DIR} ({LOADER_PAIRS} images of {LOADER_SIZE} px, "
+              f"{cfg.CHUNK} a chunk)")
+        took = write_loader_replica(cfg.DATA_DIR, cfg.CHUNK)
+        print("  reused" if took is None else f"  written in {took:.0f} s")
+    print_loader(bench_loader(cfg, seconds=seconds))
 
 
 # ===== search (FAISS binary indexes) =====
@@ -1230,13 +1395,17 @@ def main(argv=None):
                         help="queries the per-query loop is timed on (then scaled)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--part', choices=('all', 'eval', 'train', 'map_all', 'features',
-                                           'extract'), default='all')
+                                           'extract', 'loader'), default='all')
     parser.add_argument('--steps', type=int, default=8, help="timed steps of the floor")
     parser.add_argument('--epochs', type=int, default=1, help="timed epochs of train.py's loop")
     parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
                         help="settings for the training part (default: the DEMO preset)")
+    parser.add_argument('--seconds', type=float, default=0,
+                        help="loader: stop each pass after about this long (0: whole passes)")
     args = parser.parse_args(argv)
     print(machine())
+    if args.part == 'loader':   # not part of 'all': it writes a 3 GB replica on first use
+        main_loader(args.overrides, args.seconds)
     if args.part in ('all', 'eval'):
         print_eval(bench_eval(args.queries, args.database, args.bits, topk=args.topk,
                               repeats=args.repeats, loop_queries=args.loop_queries,

@@ -19,13 +19,16 @@ import functools
 import os
 import sys
 
+import h5py
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import custom
 import dcmh
 import demo
 import features
+import matfile
 import pairs
 import published
 import settings
@@ -222,10 +225,12 @@ def notes_on(data):
 
 class Pairs:
     """Pairs `indices` of a Data, a map-style dataset: (image uint8 [3, CROP, CROP], text,
-    labels, pair index); the DataLoader's collate makes tensors of the NumPy rows."""
+    labels, pair index); the DataLoader's collate makes tensors of the NumPy rows.
+    `images` replaces data.images (the cached train split)."""
 
-    def __init__(self, data, indices, transform):
-        self.images, self.texts, self.labels = data.images, data.texts, data.labels
+    def __init__(self, data, indices, transform, images=None):
+        self.images = data.images if images is None else images
+        self.texts, self.labels = data.texts, data.labels
         self.indices = np.asarray(indices, np.int64)
         self.transform = transform
 
@@ -236,17 +241,218 @@ class Pairs:
         i = int(self.indices[k])
         return self.transform(self.images.pil(i)), self.texts[i], self.labels[i], i
 
+    def __getitems__(self, ks):
+        """A batch (the DataLoader asks for a batch at once): read in runs of consecutive
+        images where the source can (an HDF5 IAll), so that in file order each chunk is
+        decompressed once per batch, then transformed one by one as __getitem__ does."""
+        many = getattr(self.images, 'many', None)
+        if many is None:
+            return [self[k] for k in ks]
+        indices = self.indices[np.asarray(ks, np.int64)]
+        arrays = getattr(self.transform, 'takes_arrays', False)
+        return [(self.transform(image if arrays else Image.fromarray(image)), self.texts[i],
+                 self.labels[i], int(i)) for image, i in zip(many(indices), indices)]
 
-def train_transform(cfg):
+
+class CachedImages:
+    """Some images of a source held in memory as one uint8 array (the train split, read
+    once per run by cache_train); `pil(i)` for pair number i as the source gives it."""
+
+    def __init__(self, array, indices, n, path):
+        self.array, self.path = array, path
+        self.row = np.full(n, -1, np.int64)
+        self.row[np.asarray(indices, np.int64)] = np.arange(len(indices))
+
+    def __len__(self):
+        return len(self.row)
+
+    def __getitem__(self, i):
+        row = self.row[int(i)]
+        if row < 0:
+            raise IndexError(f"pair {i} is not among the cached images")
+        return self.array[row]
+
+    def pil(self, i):
+        return Image.fromarray(self[i])
+
+
+class SplitRuns:
+    """The DataLoader dataset that fills a cache: item k = (rows of the cache, their images
+    through `prepare`), read as one group of runs of consecutive images (runs)."""
+
+    def __init__(self, images, groups, prepare):
+        self.images, self.groups, self.prepare = images, groups, prepare
+
+    def __len__(self):
+        return len(self.groups)
+
+    def __getitem__(self, k):
+        rows, out = [], []
+        for a, b, wanted, where in self.groups[k]:
+            block = self.images.run(a, b)
+            out += [self.prepare(block[i - a]) for i in wanted]
+            rows.append(where)
+        return np.concatenate(rows), np.stack(out)
+
+
+# The train split is cached when it takes at most this share of the machine's memory.
+CACHE_SHARE = 0.25
+
+
+def cache_train(data, cfg):
+    """(images, resized): the train split's images of an HDF5 IAll, read once per run in
+    file order (each chunk that holds one decompressed once, by the NUM_WORKERS workers)
+    and kept on data.images for the later epochs; None when the source is not HDF5 or the
+    split would not fit. resized: the Resize of the train transform is already applied
+    (done once, when it commutes with the flip the authors apply before it)."""
+    import torch
+    source = data.images
+    if not isinstance(source, pairs.H5Images):
+        return None, False
+    key = (cfg.RESIZE, len(data.train), hash(data.train.tobytes()))
+    if source.train_cache is not None and source.train_cache[0] == key:
+        return source.train_cache[1:]
+    indices = np.asarray(data.train, np.int64)
+    first = source[int(indices[0])]
+    resized = resize_commutes_with_flip(first, cfg.RESIZE)
+    prepare = resize_array(cfg.RESIZE) if resized else (lambda image: image)
+    shape = prepare(first).shape
+    size = len(indices) * int(np.prod(shape))
+    if size > CACHE_SHARE * pairs.physical_memory():
+        print(f"note: the {len(indices)} training images would take {size / 2**30:.1f} GiB, "
+              f"more than {CACHE_SHARE:.0%} of this machine's memory; read from the file "
+              f"each epoch instead")
+        source.train_cache = (key, None, False)
+        return None, False
+    groups = group_runs(pairs.runs(indices, source.per_chunk, source.image_bytes), source.image_bytes)
+    array = np.empty((len(indices),) + shape, np.uint8)
+    workers = cfg.NUM_WORKERS
+    loader = torch.utils.data.DataLoader(
+        SplitRuns(source, groups, prepare), batch_size=None, num_workers=workers,
+        generator=torch.Generator().manual_seed(0),   # must not move the global RNG
+        multiprocessing_context=worker_context(workers), worker_init_fn=ignore_sigint)
+    for rows, block in batches(loader):
+        array[rows.numpy()] = block.numpy()
+    source.close()   # the training workers open their own handles
+    cached = CachedImages(array, indices, len(source), source.path)
+    source.train_cache = (key, cached, resized)
+    return cached, resized
+
+
+def group_runs(found, image_bytes, group_bytes=pairs.RUN_BYTES):
+    """Consecutive runs put together into items of about group_bytes of images read."""
+    groups, current, size = [], [], 0
+    for run in found:
+        current.append(run)
+        size += (run[1] - run[0]) * image_bytes
+        if size >= group_bytes:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def resize_array(resize):
+    """(H, W, 3) uint8 -> the same through the train transform's Resize, as an array."""
+    return lambda image: resized(image, resize)
+
+
+def resized_size(height, width, resize):
+    """(height, width) after torchvision's Resize(resize): the shorter side becomes resize."""
+    if height <= width:
+        return resize, int(resize * width / height)
+    return int(resize * height / width), resize
+
+
+# (input size, output size) -> whether torch's uint8 kernel gives PIL's pixels, per process
+_EXACT_TORCH_RESIZE = {}
+
+
+def resized(image, resize):
+    """An (H, W, 3) uint8 array through v2.Resize(resize) on its PIL image (PIL's
+    antialiased bilinear resize), as an array. Where torch's own uint8 antialiased kernel
+    gives exactly PIL's pixels for these sizes it does the work (2.5 times faster here): it
+    does when the resampling weights are exact binary fractions, as for 224 -> 256 (the
+    DCMH files); see torch_resize_exact."""
+    height, width = image.shape[:2]
+    size = resized_size(height, width, resize)
+    if torch_resize_exact((height, width), size):
+        return torch_resize(image, size)
+    return pil_resize(image, size)
+
+
+def pil_resize(image, size):
+    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+
+
+def torch_resize(image, size):
+    import torch
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(chw, size=size, mode='bilinear', antialias=True,
+                                          align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def torch_resize_exact(shape, size):
+    """Whether torch_resize gives pil_resize's pixels from `shape` to `size`. Both round
+    their weights to fixed point (PIL to 22 bits, torch to about 14) and sum in integers
+    in the same two passes, so they agree where every weight is exact in 14 bits: when
+    enlarging by a ratio in/out that is a multiple of 2**-13 (224 -> 256 = 7/8), each weight
+    is one (clipped taps are renormalised to 1). Checked on noise of that size too."""
+    key = (tuple(shape), tuple(size))
+    if key not in _EXACT_TORCH_RESIZE:
+        exact = all(a <= b and (a << 13) % b == 0 for a, b in zip(shape, size))
+        if exact:
+            noise = np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
+            exact = np.array_equal(torch_resize(noise, size), pil_resize(noise, size))
+        _EXACT_TORCH_RESIZE[key] = exact
+    return _EXACT_TORCH_RESIZE[key]
+
+
+class FixedSizeTestTransform:
+    """v2.Compose([Resize(resize), CenterCrop(crop), PILToTensor()]) for arrays of one
+    size (an IAll's images), the same pixels with less work: resized(), then a view.
+    Takes the (H, W, 3) array or its PIL image; gives a (3, crop, crop) uint8 tensor."""
+    takes_arrays = True
+
+    def __init__(self, resize, crop):
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, image):
+        import torch
+        out = resized(np.asarray(image), self.resize)
+        height, width = out.shape[:2]
+        top, left = int(round((height - self.crop) / 2.0)), int(round((width - self.crop) / 2.0))
+        out = out[top:top + self.crop, left:left + self.crop]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def resize_commutes_with_flip(image, resize):
+    """Whether Resize then a horizontal flip gives the pixels that the authors' order (flip,
+    then Resize) gives, for images of this one's size. PIL's resampling weights depend
+    only on the sizes and are mirror images for most; checked on the image and on noise
+    of its size. Then Resize can be applied once, before caching, and the result is the
+    same as resizing every epoch."""
+    noise = np.random.default_rng(0).integers(0, 256, image.shape, dtype=np.uint8)
+    resize_to = resize_array(resize)
+    return all(np.array_equal(resize_to(np.ascontiguousarray(a[:, ::-1])),
+                              resize_to(a)[:, ::-1]) for a in (image, noise))
+
+
+def train_transform(cfg, resized=False):
     # The authors' order: flip, then resize the shorter side, then crop. On PIL images,
     # Resize is PIL's bilinear resize (antialiased), as in the authors' torchvision.
-    # Flip and crop draw from torch's RNG, so a seeded generator fixes them.
+    # Flip and crop draw from torch's RNG, so a seeded generator fixes them. resized: the
+    # images come resized already (cache_train), the same draws in the same order.
     from torchvision.transforms import v2
-    return v2.Compose([v2.RandomHorizontalFlip(), v2.Resize(cfg.RESIZE),
-                       v2.RandomCrop(cfg.CROP), v2.PILToTensor()])
+    resize = [] if resized else [v2.Resize(cfg.RESIZE)]
+    return v2.Compose([v2.RandomHorizontalFlip(), *resize, v2.RandomCrop(cfg.CROP),
+                       v2.PILToTensor()])
 
 
-def test_transform(cfg):
+def test_transform(cfg, fixed_size=False):
+    """fixed_size: every image has the same size (an IAll): FixedSizeTestTransform."""
+    if fixed_size:
+        return FixedSizeTestTransform(cfg.RESIZE, cfg.CROP)
     from torchvision.transforms import v2
     return v2.Compose([v2.Resize(cfg.RESIZE), v2.CenterCrop(cfg.CROP), v2.PILToTensor()])
 
@@ -254,7 +460,8 @@ def test_transform(cfg):
 def make_loader(data, part, cfg, generator=None):
     """A DataLoader over data.<part> ('train', 'query' or 'database'). Batches are
     (images uint8 [B, 3, CROP, CROP], texts float32, labels uint8, pair indices int64).
-    'train': shuffled by `generator`, drop_last, the train transform (Wiki: the test one);
+    'train': shuffled by `generator`, drop_last, the train transform (Wiki: the test one),
+    from the train split held in memory (cache_train) when the IAll is HDF5;
     'query'/'database': in order, EVAL_BATCH_SIZE, the test transform."""
     import torch
     if part not in ('train', 'query', 'database'):
@@ -264,12 +471,14 @@ def make_loader(data, part, cfg, generator=None):
     train = part == 'train'
     indices = getattr(data, part)
     augment = train and data.dataset != 'Wiki'   # Wiki trains with the test transform
-    transform = train_transform(cfg) if augment else test_transform(cfg)
+    images, resized = cache_train(data, cfg) if augment else (None, False)
+    fixed_size = isinstance(data.images, (pairs.H5Images, pairs.ArrayImages))
+    transform = train_transform(cfg, resized) if augment else test_transform(cfg, fixed_size)
     if not train:  # evaluating must not move the global RNG that training draws from
         generator = torch.Generator().manual_seed(0)
     workers = cfg.NUM_WORKERS
     return torch.utils.data.DataLoader(
-        Pairs(data, indices, transform), batch_size=cfg.BATCH_SIZE if train
+        Pairs(data, indices, transform, images), batch_size=cfg.BATCH_SIZE if train
         else cfg.EVAL_BATCH_SIZE, shuffle=train, drop_last=train, generator=generator,
         num_workers=workers, persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available() and cfg.DEVICE != 'cpu',
@@ -364,6 +573,8 @@ def check(cfg):
     seed = '' if cfg.DATASET == 'Wiki' else f" (SPLIT_SEED={cfg.SPLIT_SEED})"
     print(f"  split{seed}: query {len(data.query)}, train {len(data.train)}, "
           f"database {len(data.database)}")
+    if isinstance(data.images, pairs.H5Images):
+        check_storage(data, cfg)
     for line in data.notes:
         print(f"note: {line}")
     for line in data.warnings:
@@ -393,6 +604,78 @@ def check_images(data, full=False):
         images.close()   # never leave a handle open for workers to inherit
     if full:
         print(f"  read all {n} images")
+
+
+# Reading one image at a time at random below this rate, from chunks of several images,
+# earns the advice to repack the file (training reads its split once per run anyway;
+# the first epoch then decompresses every chunk holding a training image).
+SLOW_RANDOM_READS = 500   # images per second
+
+
+def check_storage(data, cfg, seconds=0.5):
+    """Print how an HDF5 IAll is stored and how fast it reads, one image at a time at
+    random (a fresh handle with h5py's default chunk cache, as a plain reader has) and in
+    file order (as evaluation reads it); add a note advising REPACK when the chunks make
+    single-image reads slow. A bad block met while measuring is a warning here (only
+    FULL=True promises to read every image)."""
+    images = data.images
+    store = images.storage
+    chunks = (f"chunks of {images.per_chunk} image{'s' * (images.per_chunk > 1)} "
+              f"{store.chunks}" if store.chunks else "not chunked")
+    level = f" level {store.level}" if store.level is not None else ''
+    try:
+        random_rate, order_rate = read_rates(images, seconds)
+    except UserError as err:
+        print(f"  IAll storage: {chunks}, {store.compression}{level}")
+        data.warnings.append(f"measuring the read rate: {err}; FULL=True reads every image")
+        return
+    finally:
+        images.close()
+    print(f"  IAll storage: {chunks}, {store.compression}{level}; reads {random_rate:.0f} "
+          f"images/s one at a time at random, {order_rate:.0f} in file order")
+    if images.per_chunk > 1 and random_rate < SLOW_RANDOM_READS:
+        data.notes.append(
+            f"{images.path} holds {images.per_chunk} images a chunk: a single image costs "
+            f"its whole chunk. Training reads its split once per run and evaluation reads "
+            f"in file order, but the first epoch still decompresses every chunk that holds "
+            f"a training image; `python prepare.py DATASET={cfg.DATASET} "
+            f"DATA_DIR={cfg.DATA_DIR} REPACK=True` converts the file once to one image "
+            f"per chunk (docs/speed.md)")
+
+
+def read_rates(images, seconds):
+    """(images/s one at a time at random, images/s in file order, 64 a read)."""
+    n = len(images)
+    rng = np.random.default_rng(0)
+    def at_random(dataset):
+        i = int(rng.integers(n))
+        try:
+            images.layout.image(dataset, i)
+        except matfile.READ_ERRORS as err:
+            raise UserError(f"{images.path}: cannot read image {i} of {images.key} "
+                            f"({matfile.one_line(err)})") from err
+        return 1
+    def in_order(k):
+        a = k * 64 % n
+        return len(images.run(a, min(n, a + 64)))
+    try:
+        with h5py.File(images.path, 'r') as f:
+            dataset = f[images.key]
+            random_rate = read_rate(lambda k: at_random(dataset), seconds)
+    except OSError as err:   # opening the file (it was opened once already: unlikely)
+        raise UserError(f"{images.path}: cannot open ({matfile.one_line(err)})") from err
+    return random_rate, read_rate(in_order, seconds)
+
+
+def read_rate(read, seconds):
+    """Images per second of read(k) (which returns how many it read), k = 0, 1, ...,
+    for about `seconds` (at least one call)."""
+    import time
+    start, count, k = time.perf_counter(), 0, 0
+    while k == 0 or time.perf_counter() - start < seconds:
+        count += read(k)
+        k += 1
+    return count / (time.perf_counter() - start)
 
 
 def check_split(data, cfg):

@@ -106,6 +106,31 @@ def describe(path, key):
                     f"expected {key}")
 
 
+@dataclasses.dataclass
+class Storage:
+    """How a v7.3 variable is stored: HDF5 chunk shape (h5py's order; None: contiguous),
+    compression filter and its level, and the chunk's size in bytes."""
+    chunks: tuple
+    compression: str
+    level: object
+    chunk_bytes: int
+
+
+def storage(var):
+    """The Storage of a v7.3 array variable (None for a v5 file: scipy reads it whole)."""
+    if var.version != 'v7.3':
+        return None
+    try:
+        with h5py.File(var.path, 'r') as f:
+            ds = f[var.key]
+            chunks = ds.chunks
+            size = int(np.prod(chunks or ds.shape)) * ds.dtype.itemsize
+            return Storage(chunks, ds.compression or 'none', ds.compression_opts, size)
+    except READ_ERRORS as err:
+        raise UserError(f"{var.name()}: cannot read how the data is stored ({one_line(err)})") \
+            from err
+
+
 def read_var(var, dtype=None):
     """The whole variable as a NumPy array in MATLAB's axis order, cast to dtype."""
     try:
@@ -181,15 +206,17 @@ def open_mat73(path):
     return h5py.File(path, 'w', userblock_size=512)
 
 
-def add_mat73(f, key, shape, dtype, chunks=None, compression=None, growable=False):
+def add_mat73(f, key, shape, dtype, chunks=None, compression=None, growable=False,
+              level=None):
     """A dataset for a MATLAB array of `shape` (MATLAB order): stored with the axes reversed,
     as MATLAB stores its column-major arrays, and tagged with its MATLAB class. growable:
-    the last MATLAB axis (the pairs) can be resized later."""
+    the last MATLAB axis (the pairs) can be resized later; level: gzip's (h5py's default 4)."""
     dtype = np.dtype(dtype)
     shape = tuple(shape)[::-1]
     maxshape = (None,) + shape[1:] if growable else None
     ds = f.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks,
-                          compression=compression, maxshape=maxshape)
+                          compression=compression, compression_opts=level,
+                          maxshape=maxshape)
     ds.attrs['MATLAB_class'] = np.bytes_(MATLAB_CLASSES[dtype])
     return ds
 
@@ -206,6 +233,67 @@ def write_mat73(path, arrays):
             chunks = (1,) + a.shape[::-1][1:] if a.ndim == 4 else None  # one image a chunk
             add_mat73(f, key, a.shape, a.dtype, chunks)[...] = np.transpose(a)
     finish_mat73(path)
+
+
+def repack(var, path, layout, per_chunk=1, block_bytes=256 << 20):
+    """Copy the v7.3 image array `var` to a new v7.3 file at `path` with `per_chunk` images
+    a chunk (each chunk one whole image or more), keeping its dtype, compression, attributes
+    and the file's header; other variables are copied as they are. Reads whole source chunks
+    at a time, so each is decompressed once."""
+    with h5py.File(var.path, 'r') as src, open_mat73(path) as dst:
+        ds = src[var.key]
+        chunks = list(ds.shape)
+        chunks[layout.n_axis] = per_chunk
+        out = dst.create_dataset(var.key, shape=ds.shape, dtype=ds.dtype, chunks=tuple(chunks),
+                                 compression=ds.compression, shuffle=ds.shuffle,
+                                 compression_opts=ds.compression_opts,
+                                 fletcher32=ds.fletcher32)
+        for name, value in ds.attrs.items():
+            out.attrs[name] = value
+        for name in src:
+            if name != var.key:
+                src.copy(src[name], dst, name=name)
+        for a, b in image_blocks(ds, layout, block_bytes):
+            index = [slice(None)] * ds.ndim
+            index[layout.n_axis] = slice(a, b)
+            out[tuple(index)] = ds[tuple(index)]
+        header = userblock(var.path, src.userblock_size)
+    with open(path, 'r+b') as fh:
+        fh.write(header or mat73_header())
+
+
+def image_blocks(ds, layout, block_bytes=256 << 20):
+    """(a, b) ranges of the pairs axis covering it in blocks of whole chunks, each of about
+    block_bytes at most (at least one chunk)."""
+    n = ds.shape[layout.n_axis]
+    per_chunk = ds.chunks[layout.n_axis] if ds.chunks else 1
+    image_bytes = ds.size // max(1, n) * ds.dtype.itemsize
+    step = per_chunk * max(1, block_bytes // max(1, image_bytes * per_chunk))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def userblock(path, size):
+    """The first 512 bytes of a v7.3 file (MATLAB's header), or None if it has none."""
+    if size < 512:
+        return None
+    with open(path, 'rb') as fh:
+        return fh.read(512)
+
+
+def same_images(var, path, layout, block_bytes=256 << 20):
+    """Whether the array `var` and the same key in the file at `path` hold the same bytes,
+    shape, dtype and attributes (read in blocks)."""
+    with h5py.File(var.path, 'r') as fa, h5py.File(path, 'r') as fb:
+        a, b = fa[var.key], fb[var.key]
+        if a.shape != b.shape or a.dtype != b.dtype or set(a.attrs) != set(b.attrs) or not all(
+                np.array_equal(a.attrs[k], b.attrs[k]) for k in a.attrs):
+            return False
+        for start, stop in image_blocks(a, layout, block_bytes):
+            index = [slice(None)] * a.ndim
+            index[layout.n_axis] = slice(start, stop)
+            if not np.array_equal(a[tuple(index)], b[tuple(index)]):
+                return False
+    return True
 
 
 def write_mat5(path, arrays):

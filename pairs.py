@@ -62,20 +62,46 @@ class Data:
 
 
 class H5Images:
-    """Images of a v7.3 IAll, read one at a time. The HDF5 handle is opened on first use in
-    each process (so each DataLoader worker opens its own, once) and never pickled."""
+    """Images of a v7.3 IAll, read one at a time or in runs of consecutive images (many).
+    The HDF5 handle is opened on first use in each process (so each DataLoader worker opens
+    its own, once), with a chunk cache that holds several chunks, and is never pickled."""
 
     def __init__(self, var, layout):
         self.path, self.key, self.layout = var.path, var.key, layout
-        self._file, self._pid = None, None
+        self.storage = matfile.storage(var)
+        chunks = self.storage.chunks
+        self.per_chunk = chunks[layout.n_axis] if chunks else 1   # images a chunk holds
+        self.image_bytes = layout.height * layout.width * 3
+        self._file, self._pid, self._ds = None, None, None
+        self.train_cache = None   # (key, CachedImages, resized): see cache_train
 
     def __len__(self):
         return self.layout.n
 
     def _dataset(self):
         if self._file is None or self._pid != os.getpid():  # a forked copy opens its own
-            self._file, self._pid = h5py.File(self.path, 'r'), os.getpid()
-        return self._file[self.key]
+            self._file, self._pid = h5py.File(self.path, 'r', **chunk_cache(self.storage)), \
+                os.getpid()
+            self._ds = self._file[self.key]   # looked up once: a lookup costs a read's tenth
+        return self._ds
+
+    def run(self, a, b):
+        """Images a..b-1 as (b - a, H, W, 3), in one read: each chunk decompressed once."""
+        try:
+            return self.layout.block(self._dataset(), int(a), int(b))
+        except matfile.READ_ERRORS as err:
+            raise UserError(f"{self.path}: cannot read images {a} to {b - 1} of {self.key} "
+                            f"({matfile.one_line(err)})") from err
+
+    def many(self, indices):
+        """The images at `indices` (any order) as a list of (H, W, 3) arrays, read in runs
+        of neighbouring chunks (see runs)."""
+        out = [None] * len(indices)
+        for a, b, wanted, rows in runs(indices, self.per_chunk, self.image_bytes):
+            block = self.run(a, b)
+            for i, row in zip(wanted, rows):
+                out[row] = block[i - a]
+        return out
 
     def __getitem__(self, i):
         try:
@@ -89,13 +115,13 @@ class H5Images:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state['_file'] = state['_pid'] = None
+        state['_file'] = state['_pid'] = state['_ds'] = None
         return state
 
     def close(self):
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
-        self._file = None
+        self._file = self._ds = None
 
 
 class ArrayImages:
@@ -226,6 +252,38 @@ def physical_memory():
     except (ValueError, OSError, AttributeError):
         return float('inf')
 
+
+# HDF5's chunk cache per handle (h5py's default is 1 MiB, less than one chunk of 64 images
+# of 224 px: each image read would then decompress its whole chunk again).
+CHUNK_CACHE_CHUNKS = 4          # chunks each handle keeps decompressed
+CHUNK_CACHE_MAX = 1 << 30       # bytes, at most
+RUN_BYTES = 64 << 20            # one read of consecutive images covers at most about this
+
+
+def chunk_cache(storage):
+    """h5py.File options: a chunk cache holding CHUNK_CACHE_CHUNKS chunks of the image
+    array, so that reads in file order decompress each chunk once."""
+    size = min(CHUNK_CACHE_MAX, max(1 << 20, CHUNK_CACHE_CHUNKS * storage.chunk_bytes))
+    return dict(rdcc_nbytes=size, rdcc_nslots=10007, rdcc_w0=1.0)   # slots: a prime
+
+
+def runs(indices, per_chunk, image_bytes, run_bytes=RUN_BYTES):
+    """[(a, b, wanted, rows)]: reads a..b-1 that cover the pair numbers `indices` (any
+    order); wanted are the pair numbers each read serves, rows their places in `indices`.
+    Indices in the same or the next chunk join one read (HDF5 decompresses whole chunks
+    anyway); a read spans at most about run_bytes."""
+    indices = np.asarray(indices, np.int64)
+    order = np.argsort(indices, kind='stable')
+    ordered = indices[order]
+    chunk = ordered // per_chunk
+    longest = max(1, run_bytes // max(1, image_bytes))
+    out, start = [], 0
+    for j in range(1, len(ordered) + 1):
+        if j == len(ordered) or chunk[j] > chunk[j - 1] + 1 or (
+                ordered[j] - ordered[start] >= longest):
+            out.append((ordered[start], ordered[j - 1] + 1, ordered[start:j], order[start:j]))
+            start = j
+    return out
 
 
 def fmt_shape(shape):

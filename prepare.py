@@ -4,6 +4,7 @@
     python prepare.py DATASET=NUSWIDE RAW_DIR=downloads/nuswide DATA_DIR=data/nuswide
     python prepare.py DATASET=DEMO DATA_DIR=data/demo     # the generated DEMO set
     python prepare.py DATASET=Wiki DATA_DIR=data/wiki     # already in its layout: a check
+    python prepare.py DATASET=NUSWIDE DATA_DIR=data/nuswide REPACK=True   # one image a chunk
 
 RAW_DIR may hold the downloads as zip files, unpacked, or both; files are found by their
 paths inside the downloads, not by where RAW_DIR puts them.
@@ -28,13 +29,19 @@ NUS_WID_Tags/AllTags1k.txt, and the images under Flickr/<concept>/<name>.jpg):
   4. IAll and YAll as MATLAB -v7.3 writes them, LAll as v5.
 Every pair's original image number (or Imagelist line) goes to <prefix>-ids.txt, and the
 tag vocabulary to <prefix>-tags.txt. The result is checked as `python datasets.py` does.
-Settings: RAW_DIR, SIZE, MIN_TAG_IMAGES, TOP_CONCEPTS, WORKERS (SETTINGS below) and any of
-settings.py (DATASET, DATA_DIR, SPLIT_SEED for the check, ...).
+REPACK=True converts an existing IAll (v7.3) to one image per HDF5 chunk, the layout that
+reads fastest one image at a time (docs/speed.md): same compression, attributes and header,
+written under a temporary name, read back and compared byte for byte, then put in place;
+the original is kept beside it as <name>.before-repack.
+
+Settings: RAW_DIR, SIZE, MIN_TAG_IMAGES, TOP_CONCEPTS, WORKERS, REPACK (SETTINGS below) and any
+of settings.py (DATASET, DATA_DIR, SPLIT_SEED for the check, ...).
 """
 import io
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import zipfile
 import zlib
@@ -59,6 +66,7 @@ SETTINGS = dict(
     MIN_TAG_IMAGES=20,       # MIRFlickr: a tag enters the vocabulary if this many images use it
     TOP_CONCEPTS=10,         # NUS-WIDE: how many of the most frequent concepts become labels
     WORKERS=0,               # processes decoding images; 0 = one per CPU
+    REPACK=False,            # convert DATA_DIR's IAll to one image per HDF5 chunk (no download)
 )
 IMAGE_BLOCK = 2048                   # images decoded per round of the worker pool
 # What a damaged download makes zipfile and zlib raise (a bad image: pairs.IMAGE_ERRORS).
@@ -390,6 +398,52 @@ def build_nuswide(cfg):
         write_text_file(prefix + '-tags.txt', lines_of(tree.read(taglist[0]))[:1000])
 
 
+# ===== one image per chunk (REPACK=True) =====
+
+def repack_images(cfg):
+    """Rewrite the dataset's IAll with one image per chunk; the original is kept."""
+    path = dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll')
+    var = matfile.describe(path, 'IAll')
+    if var.version != 'v7.3':
+        print(f"{path}: a v5 file, read whole; nothing to repack")
+        return
+    layout = matfile.ImageLayout(var)
+    store = matfile.storage(var)
+    if store.chunks and store.chunks[layout.n_axis] == 1 and \
+            store.chunk_bytes == layout.height * layout.width * 3 * np.dtype(np.uint8).itemsize:
+        print(f"{path}: already one image per chunk; nothing to do")
+        return
+    kept, tmp = path + '.before-repack', path + '.tmp'
+    if os.path.exists(kept):
+        raise UserError(f"{kept} exists (an earlier REPACK?); move it away first: REPACK keeps "
+                        f"the original there and never overwrites a file")
+    size = os.path.getsize(path)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if free < size * 1.05:
+        raise UserError(f"REPACK of {path}: needs {size / 2**30:.1f} GiB free beside it for the "
+                        f"new copy, {free / 2**30:.1f} GiB free")
+    print(f"repacking {path} ({store.chunks} a chunk, {store.compression}) to one image per "
+          f"chunk")
+    try:
+        matfile.repack(var, tmp, layout)
+        if not matfile.same_images(var, tmp, layout):
+            raise UserError(f"REPACK of {path}: the copy does not read back the same; "
+                            f"original left as it was")
+        try:   # a second name for the original, so that the new file replaces it atomically
+            os.link(path, kept)
+        except OSError:   # a file system without hard links
+            os.replace(path, kept)
+        os.replace(tmp, path)
+    except matfile.READ_ERRORS as err:
+        raise UserError(f"REPACK of {path}: {matfile.one_line(err)}; original left as it "
+                        f"was") from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"  done, read back byte-identical; the original is kept as {kept} "
+          f"({size / 2**30:.2f} GiB): delete it when you no longer need it")
+
+
 # ===== the command line =====
 
 def resolve(argv):
@@ -405,7 +459,11 @@ def resolve(argv):
 def main(argv):
     cfg = resolve(argv)
     dataset = cfg.DATASET
-    if dataset == 'MIRFlickr':
+    if cfg.REPACK:
+        if dataset == 'Wiki':
+            raise UserError("setting REPACK=True: Wiki's images are JPEG files, not an IAll")
+        repack_images(cfg)
+    elif dataset == 'MIRFlickr':
         build_mirflickr(cfg)
     elif dataset == 'NUSWIDE':
         build_nuswide(cfg)

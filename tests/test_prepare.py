@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import shutil
 import zipfile
 
 import h5py
@@ -317,3 +318,39 @@ def test_a_bug_is_not_reported_as_a_bad_download(tmp_path, monkeypatch, where):
     with pytest.raises(ZeroDivisionError):
         settings.run_cli(prepare.main, ['DATASET=MIRFlickr', f'RAW_DIR={str(tmp_path)!r}',
                                         f"DATA_DIR={str(tmp_path / 'out')!r}", 'WORKERS=1'])
+
+
+# ===== REPACK=True: one image per chunk =====
+def test_repack_gives_one_image_per_chunk_byte_identical(tmp_path, capsys):
+    import bench
+    folder = tmp_path / 'mir'
+    bench.write_loader_replica(str(folder), 64, n=300, size=32)
+    path = folder / 'mirflickr25k-iall.mat'
+    with open(path, 'rb') as fh:
+        header = fh.read(512)
+    with h5py.File(path, 'r') as f:
+        before, attrs = f['IAll'][()], dict(f['IAll'].attrs)
+        assert f['IAll'].chunks == (64, 3, 32, 32)
+    argv = ['DATASET=MIRFlickr', f'DATA_DIR={str(folder)!r}', 'REPACK=True']
+    assert prepare.main(argv) == 0
+    with h5py.File(path, 'r') as f:
+        ds = f['IAll']
+        assert ds.chunks == (1, 3, 32, 32)
+        assert (ds.compression, ds.compression_opts) == ('gzip', bench.LOADER_LEVEL)
+        assert ds.attrs['MATLAB_class'] == attrs['MATLAB_class']
+        np.testing.assert_array_equal(ds[()], before)
+    with open(path, 'rb') as fh:
+        assert fh.read(512) == header          # MATLAB's header kept
+    with h5py.File(str(path) + '.before-repack', 'r') as f:   # the original, untouched
+        assert f['IAll'].chunks == (64, 3, 32, 32)
+        np.testing.assert_array_equal(f['IAll'][()], before)
+    assert sorted(os.listdir(folder)) == sorted(
+        ['mirflickr25k-iall.mat', 'mirflickr25k-iall.mat.before-repack',
+         'mirflickr25k-yall.mat', 'mirflickr25k-lall.mat'])   # no temporary file left
+    out = capsys.readouterr().out
+    assert 'byte-identical' in out and 'passes the check' in out
+    prepare.main(argv)
+    assert 'already one image per chunk' in capsys.readouterr().out
+    shutil.copy(str(path) + '.before-repack', path)   # chunked again, the kept copy still there
+    with pytest.raises(settings.UserError, match='before-repack exists'):
+        prepare.main(argv)   # it would have to overwrite the kept original
