@@ -68,7 +68,8 @@ def missing_image(path):
                 f"the image named in the list files")
     except OSError:
         pass
-    return f"missing file {path}: expected the image named in the list files"
+    return (f"missing file {path}: expected the image named in the list files; "
+            f"{where_to_get('Wiki')}")
 
 
 def load_wiki(data_dir, need_images=True):
@@ -99,7 +100,7 @@ def load_wiki(data_dir, need_images=True):
              for name, c in zip(names, cats)]
     for path in paths if need_images else ():  # named now, not in a worker mid-epoch
         if not os.path.isfile(path):
-            raise UserError(f"{missing_image(path)}; {where_to_get('Wiki')}")
+            raise UserError(missing_image(path))
     n_train = len(parts[0][0])
     train = np.arange(n_train, dtype=np.int64)
     query = np.arange(n_train, len(names), dtype=np.int64)
