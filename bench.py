@@ -39,11 +39,9 @@ The machine may be shared: the load average is printed with the timings.
 """
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +50,7 @@ import types
 import numpy as np
 import torch
 
+import costs
 import metric
 import settings
 
@@ -88,51 +87,14 @@ def measure(fn, repeats, device):
     sensitive than wall time to other jobs on a shared machine), peak memory increase."""
     times, cpu_times, peak = [], [], 0
     for _ in range(repeats):
-        start_mem = _memory_start(device)
+        start_mem = costs.memory_start(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         value = fn()
-        sync(device)   # CUDA runs asynchronously: the clock must wait for the work
+        costs.sync(device)   # CUDA runs asynchronously: the clock must wait for the work
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)
-        peak = max(peak, _memory_peak(device) - start_mem)
+        peak = max(peak, costs.memory_peak(device) - start_mem)
     return value, times, statistics.median(cpu_times), peak
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def _memory_start(device):
-    """Resets the peak counter and returns the current use."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:  # glibc keeps freed memory resident: hand it back, or reuse would hide new use
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:  # Linux: writing 5 resets VmHWM (the peak RSS) to the current RSS
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass  # then the peak below is the process's lifetime peak: an upper bound
-    return _proc_status('VmRSS')
-
-
-def _memory_peak(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_status('VmHWM')
-
-
-def _proc_status(field):
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def bench_eval(n_query=2000, n_db=184577, nbits=128, n_labels=10, topk=50, repeats=3,
@@ -208,11 +170,11 @@ def bench_train(cfg, steps=8, epochs=1):
     out['floor_s'] = statistics.median(step_s)
     out['floor_pairs_per_s'] = cfg.BATCH_SIZE / out['floor_s']
     speeds = []
-    start_mem = _memory_start(device)
+    start_mem = costs.memory_start(device)
     for epoch in range(epochs):
         seconds, steps_done = timed_epoch(session, epoch)
         speeds.append(steps_done * cfg.BATCH_SIZE / seconds)
-    out['loop_peak_bytes'] = _memory_peak(device) - start_mem
+    out['loop_peak_bytes'] = costs.memory_peak(device) - start_mem
     out['loop_pairs_per_s'] = statistics.median(speeds)
     out['epochs'], out['steps'] = epochs, steps
     out['ratio'] = out['loop_pairs_per_s'] / out['floor_pairs_per_s']
@@ -223,7 +185,7 @@ def timed_epoch(session, epoch):
     """(seconds, steps) of one epoch of Session.train_epoch, as train.py's loop runs it."""
     start = time.perf_counter()
     steps = sum(1 for _ in session.train_epoch(epoch))
-    sync(session.device)
+    costs.sync(session.device)
     return time.perf_counter() - start, steps
 
 
@@ -239,126 +201,6 @@ def print_train(r):
           f"{r['loop_pairs_per_s']:.1f} pairs/s over {r['epochs']} epoch(s); peak memory +"
           f"{r['loop_peak_bytes'] / mib:.0f} MiB")
     print(f"ratio  {r['ratio']:.1%} of the floor")
-
-
-# ===== the cost of a run, before it runs (reproduce.py --plan) =====
-def measure_cost(cfg, text_dim, feature_dim=4096, min_seconds=2.0, max_steps=5,
-                 write_bytes=2 ** 26, out_dir=None):
-    """What one run of cfg costs on this device, measured on synthetic batches of its real
-    shapes (no data is read): seconds of one training step (`Session.train_step`, as
-    bench_train's floor), seconds to encode one pair for evaluation (image and text net,
-    as `Session.encode` does it per batch), the peak memory of the process (CUDA: allocated
-    on the device), the parameter counts that size a checkpoint, and the disk's write speed
-    (a file of write_bytes written and fsynced in out_dir, as checkpoints are).
-    Random weights (PRETRAINED=False): the same arithmetic, no download. Steps are timed
-    after one warm-up until min_seconds have passed or max_steps were timed."""
-    import types
-    import train
-    cfg = types.SimpleNamespace(**{**vars(cfg), 'PRETRAINED': False})
-    train.configure_torch(cfg)
-    on_features = settings.uses_image_features(cfg)
-    data = types.SimpleNamespace(texts=np.zeros((1, text_dim), np.float32),
-                                 images=types.SimpleNamespace(dim=feature_dim))
-    device = train.pick_device(cfg)
-    _memory_start(device)
-    session = train.Session(cfg, data)
-    images, texts = synthetic_batch(cfg, cfg.BATCH_SIZE, text_dim, feature_dim, on_features)
-    session.img_net.train()
-    session.txt_net.train()
-    step = lambda: sync(device, session.train_step(images, texts))
-    out = dict(device=str(device), step_s=timed_median(step, min_seconds, max_steps))
-    out['encode_s'] = encode_seconds(session, cfg, text_dim, feature_dim, on_features,
-                                     min_seconds, max_steps)
-    out['peak_bytes'] = _memory_peak(device)   # the whole process's (CPU) or device's peak
-    out['img_params'] = sum(p.numel() for p in session.img_net.parameters())
-    out['txt_params'] = sum(p.numel() for p in session.txt_net.parameters())
-    out['trained_params'] = sum(p.numel() for group in (session.opt_img, session.opt_txt)
-                                for g in group.param_groups for p in g['params'])
-    out['write_bytes_per_s'] = write_speed(out_dir, write_bytes)
-    return out
-
-
-def encode_seconds(session, cfg, text_dim, feature_dim, on_features, min_seconds, max_steps,
-                   full_batch_limit=10.0):
-    """Seconds to encode one pair: timed on a batch of BATCH_SIZE pairs, then on a whole
-    EVAL_BATCH_SIZE batch (as evaluation runs) when that takes under full_batch_limit
-    seconds (not for VGG-19 at 224 x 224 on a CPU, where it would take minutes)."""
-    def per_pair(n):
-        images, texts = synthetic_batch(cfg, n, text_dim, feature_dim, on_features)
-        encode = lambda: sync(session.device, encode_batch(session, images, texts))
-        return timed_median(encode, min_seconds, max_steps) / n
-    small = min(cfg.EVAL_BATCH_SIZE, cfg.BATCH_SIZE)
-    seconds = per_pair(small)
-    if small < cfg.EVAL_BATCH_SIZE and seconds * cfg.EVAL_BATCH_SIZE < full_batch_limit:
-        seconds = per_pair(cfg.EVAL_BATCH_SIZE)
-    return seconds
-
-
-def synthetic_batch(cfg, n, text_dim, feature_dim, on_features):
-    """A batch of cfg's shapes: uint8 images (or non-negative features), 0/1 texts."""
-    gen = torch.Generator().manual_seed(0)
-    texts = (torch.rand(n, text_dim, generator=gen) < 0.05).float()
-    if on_features:
-        return torch.rand(n, feature_dim, generator=gen), texts
-    images = torch.randint(0, 256, (n, 3, cfg.CROP, cfg.CROP), dtype=torch.uint8,
-                           generator=gen)
-    return images, texts
-
-
-@torch.inference_mode()
-def encode_batch(session, images, texts):
-    """One evaluation batch, as Session.encode runs it: both networks, binarised codes."""
-    import models
-    session.img_net.eval()
-    session.txt_net.eval()
-    with session.autocast():
-        _, hid_I, _ = session.img_net(session.images_to_device(images))
-    _, hid_T, _ = session.txt_net(texts.to(session.device))
-    return models.binarize(hid_I), models.binarize(hid_T)
-
-
-def sync(device, value):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    return value
-
-
-def timed_median(fn, min_seconds, max_steps):
-    """Median seconds of fn() after one warm-up call, over calls until min_seconds have
-    passed or max_steps calls were timed (at least one). A warm-up call that itself takes
-    min_seconds is the figure (VGG-19 on a CPU: a step takes a minute, its warm-up share
-    is small, and the estimate errs on the long side)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    if first >= min_seconds:
-        return first
-    times = []
-    while not times or (sum(times) < min_seconds and len(times) < max_steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def write_speed(folder, nbytes):
-    """Bytes per second of writing and fsyncing a file of nbytes in folder (the nearest
-    existing folder above it; checkpoints are written this way), the file removed after."""
-    import tempfile
-    folder = os.path.abspath(folder or '.')
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    block, blocks = os.urandom(2 ** 20), max(1, nbytes // 2 ** 20)
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.bench-write-') as f:
-            start = time.perf_counter()
-            for _ in range(blocks):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-            return blocks * len(block) / (time.perf_counter() - start)
-    except OSError:   # a folder we may not write to: the runs will say so themselves
-        return None
 
 
 # ===== full mAP (the fixed-feature protocol's number) =====
@@ -431,7 +273,7 @@ def bench_feature_train(cfg, epochs=2, steps=20):
     out['epoch_s'] = statistics.median(timed_epoch(session, epoch)[0] for epoch in range(epochs))
     start = time.perf_counter()
     result, _ = session.evaluate()
-    sync(session.device)
+    costs.sync(session.device)
     out['eval_s'] = time.perf_counter() - start
     out['map_all'] = result['map_all_i2t']
     n_evals = len({*range(cfg.EVAL_INTERVAL, cfg.NUM_EPOCH + 1, cfg.EVAL_INTERVAL),
@@ -594,7 +436,7 @@ def bench_loader(cfg, epochs=2, seconds=0):
         out['epochs'].append(timed_pass(
             lambda: datasets.make_loader(data, 'train', cfg, generator=generator), seconds))
     out['database'] = timed_pass(lambda: datasets.make_loader(data, 'database', cfg), seconds)
-    out['main_peak_bytes'] = _proc_status('VmHWM')
+    out['main_peak_bytes'] = costs.proc_status('VmHWM')
     out['worker_peak_bytes'] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return out
 
@@ -732,12 +574,12 @@ def recall_at_k(db, queries, ids, exact_dist, k):
 def bench_exact(db, queries, k, numpy_queries, batch_threads):
     import faiss
     out = {}
-    start_mem = _memory_start(torch.device('cpu'))
+    start_mem = costs.memory_start(torch.device('cpu'))
     start = time.perf_counter()
     index = faiss.IndexBinaryFlat(db.shape[1] * 8)
     index.add(db)
     out['build_s'] = time.perf_counter() - start
-    out['rss_per_item'] = (_proc_status('VmRSS') - start_mem) / len(db)
+    out['rss_per_item'] = (costs.proc_status('VmRSS') - start_mem) / len(db)
     out['bytes_per_item'] = faiss.serialize_index_binary(index).size / len(db)
     times, _ = latencies(index, queries, k)
     out['median_ms'], out['p99_ms'] = np.median(times) * 1e3, np.percentile(times, 99) * 1e3
@@ -762,12 +604,12 @@ def bench_multihash(db, queries, exact, k, nflips, nhash, b):
     table) is one point of the recall curve."""
     import faiss
     nbits = db.shape[1] * 8
-    start_mem = _memory_start(torch.device('cpu'))
+    start_mem = costs.memory_start(torch.device('cpu'))
     start = time.perf_counter()
     index = faiss.IndexBinaryMultiHash(nbits, nhash, b)
     index.add(db)
     out = dict(build_s=time.perf_counter() - start, nhash=nhash, b=b, curve=[])
-    out['rss_per_item'] = (_proc_status('VmRSS') - start_mem) / len(db)
+    out['rss_per_item'] = (costs.proc_status('VmRSS') - start_mem) / len(db)
     for nflip in nflips:
         index.nflip = nflip
         times, ids = latencies(index, queries, k)
@@ -883,7 +725,7 @@ def main_search(argv):
     args = parser.parse_args(argv)
     args.nflips = [int(x) for x in args.nflips.split(',')]
     args.batch_threads = [int(x) for x in args.batch_threads.split(',')]
-    print(machine())
+    print(costs.machine())
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth (one thread): {bandwidth / 1e9:.1f} GB/s")
     for size in args.sizes.split(','):
@@ -893,7 +735,7 @@ def main_search(argv):
     if args.eval_database:
         print_search_eval(bench_search_eval(args.eval_queries, args.eval_database, 128,
                                             args.topk, 3, args.eval_full_queries))
-    print(machine())
+    print(costs.machine())
 
 
 # ===== the GPU acceptance run (python bench.py gpu) =====
@@ -942,7 +784,7 @@ def bench_gpu(device, sizes, overrides=()):
     base = gpu_config(overrides, DEVICE=device)
     train.pick_device(base)      # no CUDA here: one line before anything is generated
     data = datasets_load(base)   # the DEMO, generated on first use; also the 224 px replica
-    out = dict(machine=machine(), device=device, torch=torch.__version__, sizes=dict(sizes))
+    out = dict(machine=costs.machine(), device=device, torch=torch.__version__, sizes=dict(sizes))
     out['agreement'] = agreement_part(data, overrides, device, sizes)
     out['precision'] = precision_part(data, overrides, device, sizes)
     out['speed'] = {b: speed_part(data, overrides, device, sizes, b)
@@ -1166,11 +1008,11 @@ def speed_part(data, overrides, device, sizes, backbone):
     session = train.Session(cfg, data)
     device = session.device
     out = dict(backbone=backbone, crop=crop, batch=batch, workers=cfg.NUM_WORKERS)
-    _memory_start(device)
+    costs.memory_start(device)
     out['floor_pairs_per_s'] = batch / floor_step_s(session, sizes['floor_steps'])
     out['loop_pairs_per_s'] = loop_pairs_per_s(session, sizes['loop_steps'])
     out['ratio'] = out['loop_pairs_per_s'] / out['floor_pairs_per_s']
-    out['train_peak_bytes'] = _memory_peak(device)
+    out['train_peak_bytes'] = costs.memory_peak(device)
     out['eval_images_per_s'], out['eval_peak_bytes'] = eval_rate(session, sizes['eval_images'])
     out['memory'] = ('torch.cuda.max_memory_allocated' if device.type == 'cuda'
                      else 'peak RSS of the process')
@@ -1209,14 +1051,14 @@ def loop_pairs_per_s(session, steps):
     try:
         for _ in epoch:
             if start is None:
-                sync(session.device)
+                costs.sync(session.device)
                 start = time.perf_counter()
                 continue
             done += 1
             if done < steps:
                 end = time.perf_counter()   # the epoch may end before `steps`
                 continue
-            sync(session.device)
+            costs.sync(session.device)
             end = time.perf_counter()
             break
     finally:
@@ -1237,13 +1079,13 @@ def eval_rate(session, n_images):
     session.data = dataclasses.replace(data, query=data.query[:n_query],
                                        database=data.database[:max(1, n_images - n_query)])
     images = len(session.data.query) + len(session.data.database)
-    _memory_start(session.device)
+    costs.memory_start(session.device)
     start = time.perf_counter()
     session.evaluate()
-    sync(session.device)
+    costs.sync(session.device)
     seconds = time.perf_counter() - start
     session.data = data
-    return images / seconds, _memory_peak(session.device)
+    return images / seconds, costs.memory_peak(session.device)
 
 
 # ----- 4. the grids' time -----
@@ -1353,7 +1195,7 @@ def main_gpu(argv):
                         help="settings for every part (DATA_DIR of the DEMO, NUM_WORKERS, ...)")
     args = parser.parse_args(argv)
     sizes = GPU_SIZES[args.sizes or ('small' if args.device == 'cpu' else 'full')]
-    print(machine())
+    print(costs.machine())
     figures = bench_gpu(args.device, sizes, args.overrides)
     print('\n'.join(gpu_report_lines(figures)))
     json_path, md_path = write_gpu_report(figures, args.out)
@@ -1365,20 +1207,6 @@ def main_gpu(argv):
 
 
 # ===== machine and entry point =====
-def machine():
-    """One line: CPU model, cores torch uses, GPU if any, and the load average."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ''
-    return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads{gpu}; load average "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['search']:
@@ -1403,7 +1231,7 @@ def main(argv=None):
     parser.add_argument('--seconds', type=float, default=0,
                         help="loader: stop each pass after about this long (0: whole passes)")
     args = parser.parse_args(argv)
-    print(machine())
+    print(costs.machine())
     if args.part == 'loader':   # not part of 'all': it writes a 3 GB replica on first use
         main_loader(args.overrides, args.seconds)
     if args.part in ('all', 'eval'):
@@ -1422,7 +1250,7 @@ def main(argv=None):
         print_feature_train(bench_feature_train(cfg, args.epochs))
     if args.part in ('all', 'extract'):
         print_extract(bench_extract())
-    print(machine())  # the load average again: did it change during the run?
+    print(costs.machine())  # the load average again: did it change during the run?
 
 
 if __name__ == '__main__':

@@ -511,10 +511,10 @@ def data_bytes(cfg, shape):
 
 
 def measure_all(configs, out_dir):
-    """bench.measure_cost for the first cell of each dataset (its shapes), with progress.
+    """costs.measure_cost for the first cell of each dataset (its shapes), with progress.
     Datasets whose runs differ only in text width share one measurement when a CNN runs
     on images: the text network is a negligible part of its step (VGG-19: 0.02%)."""
-    import bench
+    from costs import measure_cost
     costs, seen = {}, {}
     for dataset, cfg in first_per_dataset(configs).items():
         shape, _ = dataset_shape(cfg)
@@ -531,7 +531,7 @@ def measure_all(configs, out_dir):
                 + ('' if cfg.TRAIN_ALL_IMG else ', fc6/fc7/hash layer trained'))
         print(f"  measuring {dataset} ({what}) ...", end='', flush=True)
         start = time.perf_counter()
-        costs[dataset] = c = bench.measure_cost(cfg, shape['text'], out_dir=out_dir)
+        costs[dataset] = c = measure_cost(cfg, shape['text'], out_dir=out_dir)
         seen.setdefault(key, dataset)
         encode = (f"{c['encode_s']:.3g} s" if c['encode_s'] >= 1 else
                   f"{c['encode_s'] * 1e3:.3g} ms")
@@ -562,10 +562,10 @@ def print_plan(args, cells, configs, out_dir):
     done = {cell for cell, cfg in zip(cells, configs)
             if (out_dir / settings.default_run_name(cfg) / 'results.json').exists()}
     missing = missing_data(configs)
-    import bench
+    from costs import machine
     print(f"plan: {len(cells)} runs ({', '.join(args.table)}; seeds 0..{args.seeds - 1}) in "
           f"{out_dir}, {len(done)} finished already", flush=True)
-    print(f"timing each dataset on {bench.machine()}: synthetic batches of its shapes, "
+    print(f"timing each dataset on {machine()}: synthetic batches of its shapes, "
           f"random weights, no data read", flush=True)
     costs = measure_all(configs, out_dir)
     rows, total = [], dict(runs=0, seconds=0.0, disk=0, extra=0, peak=0, assumed=False)

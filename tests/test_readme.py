@@ -55,15 +55,15 @@ def accept(script, args, capsys):
         plots.parse(args)
     elif script == 'reproduce.py' and args[:1] == ['summary']:
         reproduce.summary_parser().parse_args(args[1:])
-    elif script == 'reproduce.py' and '--plan' in args:   # the measurement is bench's test
-        import bench
+    elif script == 'reproduce.py' and '--plan' in args:   # the measurement is costs.py's test
+        import costs
         cost = dict(device='cpu', step_s=1.0, encode_s=0.01, peak_bytes=1e9, img_params=1e6,
                     txt_params=1e6, trained_params=1e6, write_bytes_per_s=None)
-        original, bench.measure_cost = bench.measure_cost, lambda *a, **k: cost
+        original, costs.measure_cost = costs.measure_cost, lambda *a, **k: cost
         try:
             assert reproduce.main(args) == 0
         finally:
-            bench.measure_cost = original
+            costs.measure_cost = original
         assert 'time left' in capsys.readouterr().out
     elif script == 'reproduce.py':
         assert reproduce.main(args + ['--dry-run']) == 0

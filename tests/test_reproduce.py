@@ -180,10 +180,10 @@ FAKE_COST = dict(device='cpu', step_s=2.0, encode_s=0.01, peak_bytes=6e9, img_pa
 
 
 def test_plan_without_data_prints_hours_and_gb(tmp_path, monkeypatch, capsys):
-    import bench
+    import costs
     monkeypatch.chdir(tmp_path)
     measured = []
-    monkeypatch.setattr(bench, 'measure_cost', lambda cfg, text_dim, **kw: measured.append(
+    monkeypatch.setattr(costs, 'measure_cost', lambda cfg, text_dim, **kw: measured.append(
         (cfg.DATASET, text_dim)) or FAKE_COST)
     assert reproduce.main(['--table', '2', '--plan']) == 0
     out = capsys.readouterr().out
@@ -219,14 +219,14 @@ def test_plan_measures_the_demo_on_this_device(tmp_path, capsys):
 
 
 def test_measure_cost_counts_what_a_checkpoint_holds(tmp_path):
-    """bench.measure_cost on Wiki's recipe (only fc6, fc7 and the hash layer trained),
+    """costs.measure_cost on Wiki's recipe (only fc6, fc7 and the hash layer trained),
     AlexNet at 64 x 64: figures against the models' own parameter counts."""
-    import bench
+    import costs
     import models
     cfg = settings.resolve(['DATASET=Wiki', 'BACKBONE=alexnet', 'PRETRAINED=False', 'CROP=64',
                             'RESIZE=72', 'CODE_LEN=16', 'BATCH_SIZE=4', 'EVAL_BATCH_SIZE=8',
                             'DEVICE="cpu"'])
-    cost = bench.measure_cost(cfg, 10, min_seconds=0.0, out_dir=tmp_path, write_bytes=2 ** 20)
+    cost = costs.measure_cost(cfg, 10, min_seconds=0.0, out_dir=tmp_path, write_bytes=2 ** 20)
     img = models.ImgNet('alexnet', 16, pretrained=False)
     txt = models.TxtNet(10, 16)
     count = lambda params: sum(p.numel() for p in params)
@@ -238,14 +238,14 @@ def test_measure_cost_counts_what_a_checkpoint_holds(tmp_path):
 
 
 def test_timed_median_skips_the_warm_up_unless_it_is_long():
-    import bench
+    import costs
     calls = []
     def fast():
         calls.append(1)
-    assert bench.timed_median(fast, min_seconds=1e9, max_steps=3) >= 0
+    assert costs.timed_median(fast, min_seconds=1e9, max_steps=3) >= 0
     assert len(calls) == 1 + 3          # a warm-up, then max_steps timed calls
     calls.clear()
-    assert bench.timed_median(fast, min_seconds=0.0, max_steps=3) >= 0
+    assert costs.timed_median(fast, min_seconds=0.0, max_steps=3) >= 0
     assert len(calls) == 1              # the warm-up took min_seconds (0): it is the figure
 
 
