@@ -407,7 +407,7 @@ def pil_resize(image, size):
 def torch_resize(image, size):
     """The (H, W, 3) result is contiguous. The kernel works on channels-last images, and
     torch's own copy to that layout from a strided view (an IAll image is stored (3, W, H))
-    is about three times faster here than NumPy's."""
+    is faster than NumPy's (resize included, 0.67 instead of 0.87 CPU-ms an image here)."""
     import torch
     if min(image.strides) < 0:   # torch takes no negative strides (a flipped view)
         image = np.ascontiguousarray(image)
