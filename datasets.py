@@ -278,10 +278,14 @@ class CachedImages:
 
 class SplitRuns:
     """The DataLoader dataset that fills a cache: item k = (rows of the cache, their images
-    through `prepare`), read as one group of runs of consecutive images (runs)."""
+    through `prepare`), read as one group of runs of consecutive images (runs). With
+    `shared` (the cache itself, in memory shared with the forked workers) each image is
+    written into its row there and item k is the rows alone: no copy to stack, send and
+    place in the main process."""
 
-    def __init__(self, images, groups, prepare):
+    def __init__(self, images, groups, prepare, shared=None):
         self.images, self.groups, self.prepare = images, groups, prepare
+        self.shared = shared
 
     def __len__(self):
         return len(self.groups)
@@ -290,9 +294,23 @@ class SplitRuns:
         rows, out = [], []
         for a, b, wanted, where in self.groups[k]:
             block = self.images.run(a, b)
-            out += [self.prepare(block[i - a]) for i in wanted]
+            for i, row in zip(wanted, where):
+                if self.shared is None:
+                    out.append(self.prepare(block[i - a]))
+                else:
+                    self.shared[row] = self.prepare(block[i - a])
             rows.append(where)
-        return np.concatenate(rows), np.stack(out)
+        return np.concatenate(rows), (np.stack(out) if out else None)
+
+
+def shared_array(shape, workers):
+    """A zeroed uint8 array in memory that forked workers write into and the main process
+    sees (an anonymous shared mapping); None where the workers are not forked."""
+    import mmap
+    if workers > 0 and worker_context(workers) is None:
+        return None
+    size = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(1, size)), np.uint8, size).reshape(shape)
 
 
 # The train split is cached when it takes at most this share of the machine's memory.
@@ -325,14 +343,16 @@ def cache_train(data, cfg):
         source.train_cache = (key, None, False)
         return None, False
     groups = group_runs(pairs.runs(indices, source.per_chunk, source.image_bytes), source.image_bytes)
-    array = np.empty((len(indices),) + shape, np.uint8)
     workers = cfg.NUM_WORKERS
+    shared = shared_array((len(indices),) + shape, workers)
+    array = np.empty((len(indices),) + shape, np.uint8) if shared is None else shared
     loader = torch.utils.data.DataLoader(
-        SplitRuns(source, groups, prepare), batch_size=None, num_workers=workers,
+        SplitRuns(source, groups, prepare, shared), batch_size=None, num_workers=workers,
         generator=torch.Generator().manual_seed(0),   # must not move the global RNG
         multiprocessing_context=worker_context(workers), worker_init_fn=ignore_sigint)
     for rows, block in batches(loader):
-        array[rows.numpy()] = block.numpy()
+        if block is not None:
+            array[rows.numpy()] = block.numpy()
     source.close()   # the training workers open their own handles
     cached = CachedImages(array, indices, len(source), source.path)
     source.train_cache = (key, cached, resized)
@@ -385,8 +405,14 @@ def pil_resize(image, size):
 
 
 def torch_resize(image, size):
+    """The (H, W, 3) result is contiguous. The kernel works on channels-last images, and
+    torch's own copy to that layout from a strided view (an IAll image is stored (3, W, H))
+    is faster than NumPy's (resize included, 0.67 instead of 0.87 CPU-ms an image here)."""
     import torch
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    if min(image.strides) < 0:   # torch takes no negative strides (a flipped view)
+        image = np.ascontiguousarray(image)
+    chw = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous(
+        memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(chw, size=size, mode='bilinear', antialias=True,
                                           align_corners=False)
     return out[0].permute(1, 2, 0).numpy()
