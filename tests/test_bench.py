@@ -22,8 +22,8 @@ def tiny_demo(tmp_path_factory):
 
 
 TINY = dict(bench.GPU_SIZES['small'], crop=64, batch=4, workers=0, agree_steps=2,
-            precision_steps=2, demo_epochs=1, speed_backbones=('alexnet',), floor_steps=1,
-            loop_steps=1, eval_images=12)
+            precision_steps=2, demo_epochs=1, demo_share=0.75, speed_backbones=('alexnet',),
+            floor_steps=1, loop_steps=1, eval_images=12)
 
 
 def by_hand(step_s, eval_rate, untrained=0):
