@@ -753,7 +753,7 @@ GPU_SIZES = {
     'small': dict(crop=64, batch=8, workers=1,
                   agree_backbones=('alexnet',), agree_steps=3,
                   precision_backbone='alexnet', precision_steps=5, demo_epochs=1,
-                  demo_share=0.25,
+                  demo_share=0.1,
                   speed_backbones=('alexnet', 'vgg19'), floor_steps=2, loop_steps=4,
                   eval_images=128),
 }
