@@ -303,6 +303,13 @@ class SplitRuns:
         return np.concatenate(rows), (np.stack(out) if out else None)
 
 
+def as_is(item):
+    """The fill's items stay NumPy arrays: sent through the workers' pipe as bytes. As
+    tensors they would be shared by file descriptor, for which each worker makes a pymp-*
+    folder in the temp directory, left behind when an error stops it mid-read."""
+    return item
+
+
 def shared_array(shape, workers):
     """A zeroed uint8 array in memory that forked workers write into and the main process
     sees (an anonymous shared mapping); None where the workers are not forked."""
@@ -348,11 +355,11 @@ def cache_train(data, cfg):
     array = np.empty((len(indices),) + shape, np.uint8) if shared is None else shared
     loader = torch.utils.data.DataLoader(
         SplitRuns(source, groups, prepare, shared), batch_size=None, num_workers=workers,
-        generator=torch.Generator().manual_seed(0),   # must not move the global RNG
+        collate_fn=as_is, generator=torch.Generator().manual_seed(0),   # keeps the global RNG
         multiprocessing_context=worker_context(workers), worker_init_fn=ignore_sigint)
     for rows, block in batches(loader):
         if block is not None:
-            array[rows.numpy()] = block.numpy()
+            array[rows] = block
     source.close()   # the training workers open their own handles
     cached = CachedImages(array, indices, len(source), source.path)
     source.train_cache = (key, cached, resized)
