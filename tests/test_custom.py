@@ -334,7 +334,6 @@ def feature_runs(tmp_path_factory):
     return run.dir
 
 
-@pytest.mark.slow  # over a minute on a busy 2-core CPU: the suite stays under 5 minutes
 def test_training_without_labels_raises_own_pair_recall(feature_runs):
     results = json.loads(open(os.path.join(feature_runs, 'results.json')).read())
     assert all(results[key] is None for key in ('map_i2t', 'map_t2i', 'map_all_i2t',

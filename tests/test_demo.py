@@ -22,7 +22,6 @@ def distinct_rows(codes):
     return len({row.tobytes() for row in np.ascontiguousarray(codes)})
 
 
-@pytest.mark.slow  # over a minute on a busy 2-core CPU: the suite stays under 5 minutes
 def test_distinct_codes_reported(tmp_path):
     """results.json, metrics.jsonl and the printed line carry the numbers of distinct image
     and text codes among the database items, counted as in the saved codes file."""

@@ -397,7 +397,6 @@ settings.run_cli(train.main, sys.argv[1:])
 """
 
 
-@pytest.mark.slow  # over a minute on a busy 2-core CPU: the suite stays under 5 minutes
 def test_sigkill_mid_epoch_with_workers_then_immediate_resume(tiny):
     """Killed in the middle of an epoch while its loader worker lives: started again at
     once, the run takes the lock (the orphaned worker never held it), resumes, and ends
@@ -470,7 +469,6 @@ def disk_full():
     raise OSError(errno.ENOSPC, 'No space left on device')
 
 
-@pytest.mark.slow  # over a minute on a busy 2-core CPU: the suite stays under 5 minutes
 def test_full_disk_then_ctrl_c_twice_then_resume_is_exact(tiny, reference, capsys):
     base, args = tiny
     argv = args + where(base, 'faults')
