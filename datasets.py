@@ -561,8 +561,13 @@ def worker_context(workers):
     with the main process instead of each receiving a pickled copy (NUS-WIDE's texts are
     0.75 GB). The HDF5 file is still opened afresh in each worker (H5Images)."""
     import multiprocessing
+    import multiprocessing.util
     if workers > 0 and 'fork' in multiprocessing.get_all_start_methods() and (
             sys.platform.startswith('linux')):
+        # A worker sharing a tensor makes a pymp-* temp folder unless it inherits one; its
+        # own is left behind when it exits mid-send (an error, Ctrl-C). The main process's
+        # folder, made here before the fork, is removed when the main process exits.
+        multiprocessing.util.get_temp_dir()
         return multiprocessing.get_context('fork')
     return None
 

@@ -13,6 +13,8 @@ import pytest
 
 import datasets
 import demo
+import settings
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,16 +24,15 @@ def distinct_rows(codes):
     return len({row.tobytes() for row in np.ascontiguousarray(codes)})
 
 
-def test_distinct_codes_reported(tmp_path):
+def test_distinct_codes_reported(tmp_path, capsys):
     """results.json, metrics.jsonl and the printed line carry the numbers of distinct image
     and text codes among the database items, counted as in the saved codes file."""
     demo.make_demo(str(tmp_path / 'demo'), n_pairs=160)
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), 'DATASET=DEMO',
-           f"DATA_DIR={str(tmp_path / 'demo')!r}", 'BATCH_SIZE=16', 'CODE_LEN=8',
-           'NUM_EPOCH=1', 'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64', f"OUT_DIR={str(tmp_path)!r}",
-           "RUN_NAME='run'"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = ['DATASET=DEMO', f"DATA_DIR={str(tmp_path / 'demo')!r}", 'BATCH_SIZE=16',
+            'CODE_LEN=8', 'NUM_EPOCH=1', 'NUM_WORKERS=0', 'EVAL_BATCH_SIZE=64',
+            f"OUT_DIR={str(tmp_path)!r}", "RUN_NAME='run'"]
+    settings.run_cli(train.main, argv)
+    printed = capsys.readouterr().out
     run_dir = tmp_path / 'run'
     evals = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()
              if '"eval": true' in line]
@@ -41,7 +42,7 @@ def test_distinct_codes_reported(tmp_path):
             assert e['distinct_img_codes'] == distinct_rows(z['db_img'])
             assert e['distinct_txt_codes'] == distinct_rows(z['db_txt'])
         assert (f"distinct database codes: image {e['distinct_img_codes']}, "
-                f"text {e['distinct_txt_codes']}") in proc.stdout
+                f"text {e['distinct_txt_codes']}") in printed
     results = json.loads((run_dir / 'results.json').read_text())
     assert (results['distinct_img_codes'], results['distinct_txt_codes']) == (
         evals[-1]['distinct_img_codes'], evals[-1]['distinct_txt_codes'])

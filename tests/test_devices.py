@@ -159,7 +159,9 @@ def test_deterministic_on_cuda_refuses_a_crop_that_pools(alexnet):
 
 # ===== resume across layouts (and devices) =====
 
-@pytest.mark.parametrize('saved,resumed', [(True, False), (False, True)])
+@pytest.mark.parametrize('saved,resumed', [
+    pytest.param(True, False, marks=pytest.mark.slow),   # 10 s: channels_last on a CPU
+    (False, True)])
 def test_resume_with_another_layout_updates_as_sgd_does(demo_dir, saved, resumed):
     """A checkpoint saved with CHANNELS_LAST=saved, resumed with CHANNELS_LAST=resumed:
     the next step is SGD's update, w - lr (momentum buf + grad + wd w), of the weights and

@@ -311,6 +311,7 @@ def test_failed_index_write_keeps_the_old_files(tiny_run, tmp_path, monkeypatch)
     assert after == before   # no temporary file left, nothing half-written
 
 
+@pytest.mark.slow   # two processes that load torch and FAISS: 11 s
 def test_command_line(tiny_run, tmp_path):
     """The real entry point: hits on stdout, rank first; a bad query is one line, exit 2."""
     cmd = [sys.executable, os.path.join(ROOT, 'search.py'), 'query', f'RUN={tiny_run}']
