@@ -79,6 +79,19 @@ def load_codes(npz_path):
         raise settings.UserError(f"{npz_path}: cannot be read as an .npz file, truncated or "
                                  f"corrupt? ({type(err).__name__}: {err})") from err
     check_codes(npz_path, codes)
+    return labelled_queries(npz_path, codes)
+
+
+def labelled_queries(npz_path, codes):
+    """The queries that have a label, as train.py's mAP takes them (a Custom folder may label
+    only some pairs); none at all is one line, since every curve ranks by shared labels."""
+    labelled = codes['query_labels'].any(1)
+    if not labelled.any():
+        raise settings.UserError(f"{npz_path}: no query has a label (a Custom folder without "
+                                 f"labels): precision and recall need labels; the run's "
+                                 f"own-pair recall@K is in its results.json")
+    if not labelled.all():
+        codes = {k: v[labelled] if k.startswith('query_') else v for k, v in codes.items()}
     return codes
 
 

@@ -671,10 +671,33 @@ def read_results(path):
     missing = [k for k in RESULT_TYPES if k not in results]
     if missing:
         raise settings.UserError(f"{path}: missing {', '.join(missing)}")
-    for key, (ok, what) in {**RESULT_TYPES, **OPTIONAL_TYPES}.items():
+    checks = {**RESULT_TYPES, **OPTIONAL_TYPES}
+    if without_labels(results):   # a Custom folder without labels: own-pair figures, no mAP
+        checks = {**checks, **PAIR_TYPES}
+        del checks['map_i2t'], checks['map_t2i']
+    for key, (ok, what) in checks.items():
         if key in results and not ok(results[key]):
             raise settings.UserError(f"{path}: {key} is {results[key]!r}, expected {what}")
     return results
+
+
+def without_labels(results):
+    """A run on data without labels: mAP null both ways, the own-pair recall recorded."""
+    return results['map_i2t'] is None and results['map_t2i'] is None and (
+        'recall_i2t' in results)
+
+
+def is_recall(value):
+    return isinstance(value, dict) and all(is_number(value.get(k)) for k in RECALL_AT)
+
+
+RECALL_AT = ('1', '5', '10')
+PAIR_TYPES = {
+    'recall_i2t': (is_recall, 'recall@1, 5, 10 as {"1": r1, "5": r5, "10": r10}'),
+    'recall_t2i': (is_recall, 'recall@1, 5, 10 as {"1": r1, "5": r5, "10": r10}'),
+    'median_rank_i2t': (is_number, 'a number'),
+    'median_rank_t2i': (is_number, 'a number'),
+}
 
 
 def mean_std(values):
@@ -692,6 +715,11 @@ def sort_key(key):
     return (datasets.index(dataset) if dataset in datasets else len(datasets), dataset,
             variants.index(variant) if variant in variants else len(variants), variant,
             backbone, topk, bits, direction)
+
+
+# The columns of summary.csv: the keys of a summary row.
+ROW_FIELDS = ['dataset', 'variant', 'bits', 'task', 'metric', 'n', 'mean', 'std', 'paper',
+              'diff', 'ucch', 'backbone', 'commit', 'wall_time_s', 'seeds']
 
 
 def summary_rows(results):
@@ -785,9 +813,23 @@ def learning_table(results):
     return '\n'.join(lines) + '\n'
 
 
+def recall_table(results, runs_dir):
+    """Per run without labels (no mAP): the own-pair recall@1/5/10 and median rank."""
+    lines = ['| run | dataset | bits | seed | I->T R@1 / 5 / 10 | I->T median rank | '
+             'T->I R@1 / 5 / 10 | T->I median rank |', '|' + '---|' * 8]
+    for r in results:
+        cells = [str(Path(r['run_dir']).relative_to(runs_dir)), r['dataset'],
+                 str(r['code_len']), str(r.get('seed', '?'))]
+        for d in DIRECTIONS:
+            cells += [' / '.join(f"{r[f'recall_{d}'][k]:.3f}" for k in RECALL_AT),
+                      f"{r[f'median_rank_{d}']:g}"]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def write_csv(rows, path):
     with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: '' if v is None else v for k, v in row.items()})
@@ -797,10 +839,12 @@ def summarize(args):
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir():
         raise settings.UserError(f"{runs_dir}: no such folder")
-    results = load_results(runs_dir)
-    rows = summary_rows(results)
-    if not rows:
+    found = load_results(runs_dir)
+    if not found:
         raise settings.UserError(f"{runs_dir}: no results.json found under it")
+    unlabelled = [r for r in found if without_labels(r)]
+    results = [r for r in found if not without_labels(r)]
+    rows = summary_rows(results)
     prefix = out_prefix(args.out) if args.out else runs_dir / 'summary'
     note = ('ours: mAP over seeds, mean ± sample standard deviation (ddof=1; "-" for one '
             "run); paper: the paper's Tables 1 and 2 (mAP@50, images); UCCH: DJSRH on VGG-19 "
@@ -812,6 +856,10 @@ def summarize(args):
     if learning:
         note += ('\nEach run that evaluated its untrained networks (mAP@TOPK, and the '
                  'distinct codes among the database items after training):\n\n' + learning)
+    if unlabelled:
+        note += ('\nRuns on data without labels, so without mAP (the own-pair recall@K and '
+                 'median rank among the query pairs, docs/custom.md):\n\n'
+                 + recall_table(unlabelled, runs_dir))
     md, csv_path = Path(f'{prefix}.md'), Path(f'{prefix}.csv')
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,10 @@ def broken(tmp_path, how):
         else:
             codes = {k: v[:, :0] if k.endswith(('img', 'txt')) else v for k, v in codes.items()}
         np.savez(npz, **codes)
+    elif how == 'no_labels':   # as a Custom run without labels saves them: no label column
+        codes = make_codes(rng)
+        codes.update(query_labels=codes['query_labels'][:, :0], db_labels=codes['db_labels'][:, :0])
+        np.savez(npz, **codes)
     elif how == 'results_list':
         (run / 'results.json').write_text('[1, 2]')
     elif how == 'results_codes_number':
@@ -168,6 +172,7 @@ BROKEN = {  # case -> (output name, words of the one-line error)
     'codes_01': ('x.png', ['epoch_003.npz', 'query_txt', 'values 0, 1', '-1 and +1']),
     'codes_bool': ('x.png', ['epoch_003.npz', 'db_img', '-1 and +1']),
     'no_bits': ('x.png', ['epoch_003.npz', 'unexpected shapes']),
+    'no_labels': ('x.png', ['epoch_003.npz', 'no query has a label', 'recall@K']),
     'results_list': ('x.png', ['results.json', 'list']),
     'results_codes_number': ('x.png', None),   # the codes it names cannot be: the latest ones
     'results_not_json': ('x.png', ['results.json', 'cannot be read']),
@@ -200,6 +205,21 @@ def test_broken_input_is_one_line(case, tmp_path, capsys):
         assert word in err, err
     assert [p.name for p in tmp_path.iterdir() if p.suffix in ('.png', '.xyz')] == []
     assert list((tmp_path / 'folder').iterdir()) == []
+
+
+def test_partly_labelled_queries_are_curved_over_the_labelled_ones(tmp_path):
+    """As train.py's mAP: queries without a label are left out (the database keeps all)."""
+    codes = make_codes(np.random.default_rng(6), flip=0.2)
+    some = codes['query_labels'].copy()
+    some[::3] = 0
+    path = save_run(tmp_path / 'RUN', {**codes, 'query_labels': some}) / 'codes' / 'epoch_003.npz'
+    got = plots.load_codes(path)
+    keep = some.any(1)
+    assert 0 < keep.sum() < len(keep) and len(got['query_img']) == keep.sum()
+    for key in ('query_img', 'query_txt', 'query_labels'):
+        np.testing.assert_array_equal(got[key], {**codes, 'query_labels': some}[key][keep])
+    for key in ('db_img', 'db_txt', 'db_labels'):
+        np.testing.assert_array_equal(got[key], codes[key])
 
 
 def test_out_names_exactly_the_file_written(tmp_path, capsys):

@@ -375,6 +375,33 @@ def test_summary_lists_paper_numbers_beside_ours(tmp_path, capsys):
     assert mir_csv['n'] == '3' and mir_csv['seeds'] == '0 1 2'
 
 
+def test_summary_lists_runs_without_labels_by_recall(tmp_path, capsys):
+    """A Custom run without labels (mAP null) beside a benchmark run: the mAP table holds the
+    benchmark, and the other run's own-pair recall and median rank are listed under it."""
+    runs = tmp_path / 'runs'
+    fake_results(runs / 'mir', 'MIRFlickr', 'DJSRH', 16, 0, 0.80, 0.78)
+    fake_results(runs / 'mine', 'Custom', 'DJSRH', 64, 2, None, None)
+    results = json.loads((runs / 'mine' / 'results.json').read_text())
+    results.update(recall_i2t={'1': 0.05, '5': 0.2, '10': 0.3125},
+                   recall_t2i={'1': 0.1, '5': 0.25, '10': 0.5}, median_rank_i2t=21.5,
+                   median_rank_t2i=10.0)
+    (runs / 'mine' / 'results.json').write_text(json.dumps(results))
+    assert reproduce.main(['summary', str(runs)]) == 0
+    text = (runs / 'summary.md').read_text()
+    rows = read_table(runs / 'summary.md')
+    assert [(r['dataset'], r['task']) for r in rows[:2]] == [('MIRFlickr', 'I->T'),
+                                                              ('MIRFlickr', 'T->I')]
+    assert '| mine | Custom | 64 | 2 | 0.050 / 0.200 / 0.312 | 21.5 | 0.100 / 0.250 / 0.500 ' \
+           '| 10 |' in text
+    with open(runs / 'summary.csv') as f:
+        assert [r['dataset'] for r in csv.DictReader(f)] == ['MIRFlickr', 'MIRFlickr']
+    # a null mAP is read only with the recall figures beside it
+    del results['recall_i2t']
+    (runs / 'mine' / 'results.json').write_text(json.dumps(results))
+    with pytest.raises(settings.UserError, match='map_i2t is None, expected a number'):
+        reproduce.main(['summary', str(runs)])
+
+
 def test_summary_of_nothing_is_a_user_error(tmp_path):
     with pytest.raises(settings.UserError, match='no results.json'):
         reproduce.main(['summary', str(tmp_path)])
@@ -395,6 +422,10 @@ BROKEN_RESULTS = {  # case -> (results.json text, words of the one-line error)
     'map_nan': (json.dumps({**GOOD, 'map_t2i': float('nan')}), ['map_t2i', 'number']),
     'dataset_number': (json.dumps({**GOOD, 'dataset': 3}), ['dataset', 'string']),
     'seed_as_text': (json.dumps({**GOOD, 'seed': 'zero'}), ['seed', 'integer']),
+    'recall_as_list': (json.dumps({**GOOD, 'map_i2t': None, 'map_t2i': None, 'median_rank_i2t': 3,
+                                   'median_rank_t2i': 4, 'recall_i2t': [0.1, 0.2, 0.3],
+                                   'recall_t2i': {'1': 0.1, '5': 0.2, '10': 0.3}}),
+                       ['recall_i2t', '[0.1, 0.2, 0.3]', 'recall@1, 5, 10']),
 }
 
 
