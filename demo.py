@@ -9,7 +9,7 @@ import numpy as np
 
 import matfile
 from dcmh import DCMH_FILES
-from settings import UserError
+from settings import UserError, process_alive
 
 DEMO_PAIRS = 2000            # pairs written by make_demo
 DEMO_MARKER = 'demo-generated.json'   # written with the DEMO files: only those are overwritten
@@ -98,16 +98,6 @@ def stale_temporaries(data_dir, names):
 def remove_stale_temporaries(data_dir):
     for name in stale_temporaries(data_dir, os.listdir(data_dir)):
         os.remove(os.path.join(data_dir, name))
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # alive, another user's
-        return True
-    return True
 
 
 def check_demo_folder(data_dir):

@@ -344,6 +344,18 @@ def run_cli(main, argv):
         sys.exit(130)
 
 
+def process_alive(pid):
+    """Whether process pid (on this machine) still runs: what a lock file names is checked
+    against it before a lock is called held."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    return True
+
+
 # ===== --help =====
 
 class HelpRequested(Exception):

@@ -657,20 +657,10 @@ def holder(fd, command):
     pid, _, host = text.removeprefix('process ').partition(' on ')
     if not pid.isdigit():
         return f"another {command}"
-    if host == platform.node() and not process_alive(int(pid)):
+    if host == platform.node() and not settings.process_alive(int(pid)):
         return (f"another process (the lock file names process {pid}, which has ended: "
                 f"another {command} that is just starting?)")
     return f"another {command} ({text})"
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # alive, another user's
-        return True
-    return True
 
 
 def missing_folders(path):
