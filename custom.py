@@ -25,6 +25,7 @@ sort algorithm. docs/custom.md has the details.
 """
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -53,7 +54,8 @@ def load(cfg, need_images=True):
         raise UserError(f"setting DATA_DIR={data_dir!r}: {what}; expected a folder holding "
                         f"the images and {' or '.join(MANIFESTS)} (docs/custom.md)")
     path = manifest_path(data_dir)
-    rows = read_manifest(path, need_images)
+    raw = read_bytes(path)
+    rows = parse_manifest(path, raw, need_images)
     n = len(rows)
     query, train, database = split(n, *split_sizes(n, cfg.QUERY_SIZE, cfg.TRAIN_SIZE, path),
                                    cfg.SPLIT_SEED)
@@ -64,7 +66,7 @@ def load(cfg, need_images=True):
     files = [(path, f"{n} pairs, {labelled} with labels ({len(names)} label names)"),
              (data_dir, f"{n} image files" if need_images else "image files not read")]
     data = pairs.Data('Custom', np.zeros((n, 0), np.float32), labels, images, query, train,
-                      database, files, [])
+                      database, files, [], digest=(path, manifest_digest(raw)))
     # With TEXT_FEATURES the stored vectors replace these (datasets.load); the words still
     # name what a search hit's text says.
     vectorize(data, [row.text for row in rows], cfg, path)
@@ -73,7 +75,26 @@ def load(cfg, need_images=True):
     if not labels.any():
         data.notes.append("no labels: evaluated by own-pair recall@K and median rank only "
                           "(mAP needs labels)")
+    data.warnings += label_warnings(labels, names)
     return data
+
+
+def manifest_digest(raw):
+    """What a run stores of its manifest (train.py): the same pairs, in the same order,
+    with the same texts and labels, give the same digest."""
+    return 'sha256:' + hashlib.sha256(raw).hexdigest()
+
+
+def label_warnings(labels, names):
+    """One label set on every labelled pair makes any two of them relevant to each other:
+    mAP then says nothing about the codes."""
+    labelled = labels[labels.any(1)]
+    if len(labelled) < 2 or (labelled != labelled[0]).any():
+        return []
+    shared = ';'.join(name for name, on in zip(names, labelled[0]) if on)
+    return [f"every labelled pair has the same labels ({shared}): each is relevant to every "
+            f"other, so mAP is high whatever the codes; label with more than one class, or "
+            f"judge by the own-pair recall"]
 
 
 def vectorize(data, texts, cfg, path):
@@ -82,6 +103,10 @@ def vectorize(data, texts, cfg, path):
                                    cfg.MIN_WORD_COUNT)
     if not words and cfg.TEXT_FEATURES:
         return
+    if not words and cfg.MIN_WORD_COUNT == 1:   # a lower MIN_WORD_COUNT cannot help
+        raise UserError(f"{path}: the texts of its {len(data.train)} training pairs hold no "
+                        f"word but stop words (such as a, the, of) and one-character ones; "
+                        f"expected words that say what the images show")
     if not words:
         raise UserError(f"setting MIN_WORD_COUNT={cfg.MIN_WORD_COUNT}: no word (stop words "
                         f"aside) is in that many of the {len(data.train)} training pairs of "
@@ -133,19 +158,49 @@ def find_files(cfg, need_images=True):
 
 def manifest_path(data_dir):
     """The one manifest of DATA_DIR."""
-    found = [name for name in MANIFESTS if os.path.isfile(os.path.join(data_dir, name))]
+    found = [name for name in MANIFESTS if os.path.lexists(os.path.join(data_dir, name))]
+    for name in found:
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: {not_a_file(path)}; expected the manifest file of the "
+                            f"pairs (docs/custom.md)")
     if len(found) != 1:
         what = 'both' if found else 'neither'
         raise UserError(f"setting DATA_DIR={data_dir!r}: holds {what} of {' and '.join(MANIFESTS)}"
-                        f"; expected exactly one manifest of the pairs (docs/custom.md)")
+                        f"{misnamed(data_dir) if not found else ''}; expected exactly one "
+                        f"manifest of the pairs (docs/custom.md)")
     return os.path.join(data_dir, found[0])
+
+
+def not_a_file(path):
+    """Why a path that exists is not a file to read."""
+    if os.path.isdir(path):
+        return 'a folder, not a file'
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    return 'not a regular file'
+
+
+def misnamed(data_dir):
+    """' (it holds PAIRS.CSV: ...)' for a manifest named in other letter case: on a
+    case-sensitive file system that is another name."""
+    try:
+        near = sorted(name for name in os.listdir(data_dir) if name.lower() in MANIFESTS)
+    except OSError:
+        return ''
+    return f" (it holds {', '.join(near)}: the names are lower-case)" if near else ''
 
 
 def read_manifest(path, need_images=True):
     """The rows of a manifest, checked: every image named once and present as a file (unless
     need_images=False: training on stored features), every text non-empty. UserError
     naming the file and line otherwise."""
-    text = read_utf8(path)
+    return parse_manifest(path, read_bytes(path), need_images)
+
+
+def parse_manifest(path, raw, need_images=True):
+    """read_manifest of the manifest's bytes `raw`."""
+    text = decode_utf8(path, raw)
     rows = read_csv(path, text) if path.endswith('.csv') else read_jsonl(path, text)
     if not rows:
         raise UserError(f"{path}: no pairs; expected a pair a line")
@@ -154,72 +209,128 @@ def read_manifest(path, need_images=True):
         where = f"{path}, line {row.line}"
         if not row.text.strip():
             raise UserError(f"{where}: empty text; expected words (tags or a caption)")
+        if not row.image.isprintable():   # a NUL, a tab, a lone surrogate of a JSON escape
+            raise UserError(f"{where}: image {row.image!r} holds a control or invalid "
+                            f"character; expected a file name")
         name = os.path.normpath(row.image)
-        if not row.image.strip() or os.path.isabs(name) or name.split(os.sep)[0] == '..':
+        if (not row.image.strip() or os.path.isabs(name) or name.split(os.sep)[0] == '..'
+                or name == '.'):
             raise UserError(f"{where}: image {row.image!r}; expected a path inside the "
                             f"manifest's folder, relative to it")
         if name in seen:
             raise UserError(f"{where}: image {row.image} is already the image of line "
                             f"{seen[name]}; expected each image once")
         seen[name] = row.line
-        if need_images and not os.path.isfile(os.path.join(data_dir, name)):
-            raise UserError(f"{where}: missing image file {os.path.join(data_dir, name)}")
+        if need_images:
+            check_image_file(where, os.path.join(data_dir, name), row.image)
     return rows
 
 
-def read_utf8(path):
+def check_image_file(where, path, written):
+    """The image of a row is a file (a symbolic link to one is followed)."""
+    if os.path.isfile(path):
+        return
+    if os.path.lexists(path):
+        raise UserError(f"{where}: image file {path} is {not_a_file(path)}; expected an "
+                        f"image file")
+    hint = ("; folders are separated by '/' in the manifest, not '\\'" if '\\' in written
+            and os.sep == '/' else '')
+    raise UserError(f"{where}: missing image file {path}{hint}")
+
+
+def read_bytes(path):
     try:
         with open(path, 'rb') as f:
-            raw = f.read()
+            return f.read()
     except OSError as err:
         raise UserError(f"{path}: cannot be read ({err.strerror})") from None
+
+
+def decode_utf8(path, raw):
     try:
         return raw.decode('utf-8-sig')   # a byte-order mark, as spreadsheets write, is fine
     except UnicodeDecodeError as err:
         line = raw.count(b'\n', 0, err.start) + 1
-        raise UserError(f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8; "
-                        f"expected the manifest in UTF-8") from None
+        utf16 = ' (it starts as UTF-16 does)' if raw[:2] in (b'\xff\xfe', b'\xfe\xff') else ''
+        raise UserError(f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8"
+                        f"{utf16}; expected the manifest in UTF-8") from None
 
 
 def read_csv(path, text):
-    reader = csv.reader(io.StringIO(text, newline=''))
+    # strict: a quote never closed, or text after a closing quote, is an error, not a field
+    # that swallows the rows after it
+    reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+    rows, line = [], 0   # line: the last line of the last row read
     try:
         header = [name.strip().lower() for name in next(reader, [])]
-        missing = [name for name in COLUMNS if name not in header]
-        if missing:
-            raise UserError(f"{path}, line 1: the header {','.join(header) or '(empty)'} has "
-                            f"no column {', '.join(missing)}; expected image,text[,labels]")
-        at = {name: header.index(name) for name in (*COLUMNS, 'labels') if name in header}
-        rows, line = [], reader.line_num
+        at = header_columns(path, header)
+        line = reader.line_num
         for fields in reader:
             start, line = line + 1, reader.line_num
             if not any(field.strip() for field in fields):
                 continue   # a blank line
-            if len(fields) <= max(at['image'], at['text']):
-                raise UserError(f"{path}, line {start}: {len(fields)} fields; expected "
-                                f"{len(header)} ({','.join(header)})")
+            check_width(f"{path}, line {start}", fields, header, at)
             labels = fields[at['labels']] if 'labels' in at and at['labels'] < len(fields) else ''
             rows.append(Row(start, fields[at['image']].strip(), fields[at['text']],
                             [name.strip() for name in labels.split(LABEL_SEPARATOR)
                              if name.strip()]))
     except csv.Error as err:
-        raise UserError(f"{path}, line {reader.line_num}: not CSV ({err})") from None
+        raise UserError(csv_error(path, err, line + 1)) from None
     return rows
+
+
+def header_columns(path, header):
+    """{column name: index} of the header's image, text and labels columns."""
+    missing = [name for name in COLUMNS if name not in header]
+    if missing:
+        other = [sep for sep in (';', '\t', '|') if len(header) == 1 and sep in header[0]]
+        hint = f" (fields separated by {other[0]!r}? they are by commas)" if other else ''
+        raise UserError(f"{path}, line 1: the header {','.join(header) or '(empty)'} has "
+                        f"no column {', '.join(missing)}{hint}; expected image,text[,labels]")
+    twice = [name for name in (*COLUMNS, 'labels') if header.count(name) > 1]
+    if twice:   # which of them is meant cannot be told
+        raise UserError(f"{path}, line 1: the header {','.join(header)} names the column "
+                        f"{', '.join(twice)} more than once; expected each once")
+    return {name: header.index(name) for name in (*COLUMNS, 'labels') if name in header}
+
+
+def check_width(where, fields, header, at):
+    """Too few fields for image and text, or a field beyond the header's (an unquoted comma
+    in a text: its words would be cut and land in another column)."""
+    if len(fields) <= max(at['image'], at['text']) or any(
+            field.strip() for field in fields[len(header):]):
+        raise UserError(f"{where}: {len(fields)} fields; expected {len(header)} "
+                        f"({','.join(header)}): quote a field that holds a comma")
+
+
+def csv_error(path, err, start):
+    """The message of a csv.Error met in the row that starts on line `start`."""
+    if 'field larger than field limit' in str(err):
+        return (f"{path}, line {start}: a field longer than {csv.field_size_limit():,} "
+                f"characters; expected a shorter text (or a quote left open before it?)")
+    if 'unexpected end of data' in str(err):
+        return (f"{path}, line {start}: a quoted field opened in this row is never closed; "
+                f"expected a closing \" (a \" inside a quoted field is written \"\")")
+    return (f"{path}, line {start}: not CSV ({err}); expected a field that holds a \" "
+            f"quoted whole, its quotes doubled: \"a \"\"big\"\" dog\"")
+
+
+JSON_TYPES = {dict: 'an object', list: 'an array', str: 'a string', int: 'a number',
+              float: 'a number', bool: 'true or false', type(None): 'null'}
 
 
 def read_jsonl(path, text):
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split at line feeds only: str.splitlines also splits at U+2028 and other characters
+    # that JSON strings may hold as they are
+    for number, line in enumerate(text.split('\n'), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise UserError(f"{where}: not JSON ({err}); expected one object a line") from None
+        item = json_line(where, line)
         if not isinstance(item, dict):
-            raise UserError(f"{where}: a JSON {type(item).__name__}; expected an object with "
-                            f"the keys image, text and optionally labels")
+            raise UserError(f"{where}: {JSON_TYPES.get(type(item), 'a value')}; expected an "
+                            f"object with the keys image, text and optionally labels")
         for key in COLUMNS:
             if not isinstance(item.get(key), str):
                 raise UserError(f"{where}: no string '{key}'; expected the keys image, text "
@@ -230,6 +341,25 @@ def read_jsonl(path, text):
         rows.append(Row(number, item['image'], item['text'],
                         [x.strip() for x in labels if x.strip()]))
     return rows
+
+
+def json_line(where, line):
+    """The JSON value of one line; a key of ours given twice is refused (json.loads would
+    keep the last one silently)."""
+    def unique_keys(pairs):
+        keys = [key for key, _ in pairs]
+        twice = [key for key in (*COLUMNS, 'labels') if keys.count(key) > 1]
+        if twice:
+            raise UserError(f"{where}: the key {', '.join(twice)} is given more than once; "
+                            f"expected each once")
+        return dict(pairs)
+    try:
+        return json.loads(line, object_pairs_hook=unique_keys)
+    except RecursionError:   # arrays nested thousands deep
+        raise UserError(f"{where}: not JSON this reader can take (nested too deeply); "
+                        f"expected one object a line") from None
+    except ValueError as err:
+        raise UserError(f"{where}: not JSON ({err}); expected one object a line") from None
 
 
 def label_matrix(rows):
@@ -316,6 +446,12 @@ def read_vocabulary(run_dir):
     except ValueError as err:
         raise UserError(f"{path}: not JSON ({err}); train.py writes it when a Custom run "
                         f"starts") from None
-    if not (isinstance(vocabulary, dict) and isinstance(vocabulary.get('words'), list)):
-        raise UserError(f"{path}: expected an object with a list 'words'")
+    if not (isinstance(vocabulary, dict) and names_list(vocabulary.get('words'))
+            and names_list(vocabulary.get('label_names', []))):
+        raise UserError(f"{path}: expected an object with a list of strings 'words' (and "
+                        f"'label_names'), as train.py writes it")
     return vocabulary
+
+
+def names_list(value):
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)

@@ -160,9 +160,21 @@ def check_sizes(data, cfg, train):
         if not labelled[getattr(data, part)].any():
             problem = (f"{where}: no {part} pair has a label, so no item can be relevant to "
                        f"any query and every mAP is 0")
+            advice = 'check the labels'
+            if data.dataset == 'Custom':   # mAP is over the labelled queries (train.label_maps)
+                problem = unlabelled_part(where, part, int(labelled.sum()))
+                advice = ("label more pairs, draw another split (SPLIT_SEED, QUERY_SIZE), or "
+                          "drop the labels to be judged by own-pair recall alone")
             if train:
-                raise UserError(f"{problem}; check the labels")
+                raise UserError(f"{problem}; {advice}")
             data.warnings.append(problem)
+
+
+def unlabelled_part(where, part, labelled):
+    """Why a Custom split whose queries or database have no label cannot give an mAP."""
+    why = ("mAP, taken over the labelled queries, cannot be measured" if part == 'query'
+           else "no labelled query has a relevant item and every mAP is 0")
+    return (f"{where}: none of the {labelled} labelled pairs is in the {part} set, so {why}")
 
 
 def expected_files(cfg):

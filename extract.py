@@ -54,13 +54,16 @@ def output_path(cfg):
 
 def identity(cfg, data):
     """Everything the rows depend on, as JSON values: the data (dataset, pairs, the sizes of
-    the files read), the network and its weights, the transform. Stored beside the output
-    (<name>.npy.json) and in the partial file's progress record: a file made with anything
-    else is never returned, nor resumed, for these settings."""
+    the files read, a Custom manifest's digest), the network and its weights, the
+    transform. Stored beside the output (<name>.npy.json) and in the partial file's progress
+    record: a file made with anything else is never returned, nor resumed, for these
+    settings."""
     ident = {'dataset': cfg.DATASET, 'pairs': len(data.labels),
              'data_files': {os.path.basename(path): file_size(path) for path, _ in data.files},
              'backbone': cfg.BACKBONE, 'layer': LAYER, 'dim': DIM, 'weights': weights(cfg),
              'resize': cfg.RESIZE, 'crop': cfg.CROP}
+    if data.digest:   # Custom: rows reordered in a manifest of the same size change no size
+        ident['data_digest'] = data.digest[1]
     return json.loads(json.dumps(ident))   # as read back from the file: lists, not tuples
 
 

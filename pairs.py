@@ -59,6 +59,8 @@ class Data:
     warnings: list           # legal but suspicious things about the data
     notes: list = dataclasses.field(default_factory=list)   # expected oddities, for information
     vocabulary: dict = None  # Custom: the words of the text vectors (custom.py), saved with a run
+    digest: tuple = None     # Custom: (manifest, its sha256), saved with a run: a run resumes,
+                             # evaluates and searches only the pairs it was trained on
 
 
 class H5Images:
@@ -171,6 +173,13 @@ class FileImages:
             if size:
                 raise UserError(f"{path}: a valid image too large to decode ({size}); shrink it")
             raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
+        height, width = bgr.shape[:2]
+        if max(height, width) > MAX_ASPECT * min(height, width):
+            # Resize(RESIZE) scales the shorter side up to RESIZE: a 1 x 100,000 strip would
+            # become 25 million pixels wide at 256 and exhaust the memory
+            raise UserError(f"{path}: {width} x {height} pixels, one side more than "
+                            f"{MAX_ASPECT} times the other; expected a picture (crop or drop "
+                            f"it)")
         # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
         # must not be started before the DataLoader forks its workers
         return np.ascontiguousarray(bgr[..., ::-1])
@@ -192,6 +201,7 @@ class FileImages:
         return self.decode(i)
 
 
+MAX_ASPECT = 100          # longer side / shorter side of an image file (FileImages)
 CV_MAX_PIXELS = 1 << 30   # OpenCV's default limit (CV_IO_MAX_IMAGE_PIXELS): imread gives None
 
 

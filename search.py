@@ -34,6 +34,7 @@ import datasets
 import dcmh
 import demo
 import matfile
+import pairs
 import settings
 import wiki
 from settings import UserError
@@ -166,6 +167,8 @@ def options(pairs):
             raise UserError(f"argument {arg!r}: expected KEY=VALUE with KEY one of "
                             f"{', '.join(SETTINGS)}")
         opts[key] = option_value(key, text)
+        if key in ('TEXT_OF', 'IMAGE_OF') and opts[key] < 0:   # -1 is only the default's "none"
+            raise UserError(f"{key}={opts[key]}: expected a pair number of at least 0")
     if opts['TARGET'] not in ('',) + MODALITIES:
         raise UserError(f"setting TARGET={opts['TARGET']!r}: expected 'image' or 'text'")
     if opts['COLLECTION'] not in ('database', 'images'):
@@ -346,6 +349,8 @@ def run_data(run, data_dir=''):
 
 def check_data_fits(run, data, data_dir):
     """The data is the run's: its split, text width and feature width fit the checkpoint."""
+    import train
+    train.check_same_data(run.ckpt, run.state, data)
     where = f"the data in DATA_DIR={data_dir!r}"
     n_pairs = len(data.labels)
     if max(int(idx.max()) if len(idx) else -1 for idx in run.state['split'].values()) >= n_pairs:
@@ -551,6 +556,9 @@ def decode_image(path):
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
+            if max(img.size) > pairs.MAX_ASPECT * min(img.size):   # as FileImages refuses
+                return None, (f"{img.size[0]} x {img.size[1]} pixels, one side more than "
+                              f"{pairs.MAX_ASPECT} times the other; expected a picture")
             return ImageOps.exif_transpose(img).convert('RGB'), None
     except Image.DecompressionBombError:
         return None, (f"more pixels than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} "
@@ -590,7 +598,7 @@ def vocabulary(run, opts, n_tags=None):
         raise UserError("TEXT: Wiki's texts are topic vectors, not words; query with "
                         "TEXT_OF=<pair> or IMAGE=<file>")
     if cfg.DATASET == 'Custom' and not opts.VOCAB:
-        return custom_vocabulary(run)
+        return custom_vocabulary(run, n_tags)
     side = side_file(cfg, 'tags')
     if not (opts.VOCAB or side):
         raise UserError(f"TEXT: no tag vocabulary is known for DATASET={cfg.DATASET!r}; "
@@ -609,10 +617,18 @@ def vocabulary(run, opts, n_tags=None):
     return words, path
 
 
-def custom_vocabulary(run):
-    """A Custom run's own vocabulary (RUN/vocabulary.json, written when it started)."""
+def custom_vocabulary(run, n_tags=None):
+    """A Custom run's own vocabulary (RUN/vocabulary.json, written when it started), checked
+    to name the n_tags columns of its texts (None: what the text network reads)."""
     path = os.path.join(run.dir, custom.VOCABULARY_FILE)
-    return custom.read_vocabulary(run.dir)['words'], path
+    words = custom.read_vocabulary(run.dir)['words']
+    width = n_tags
+    if width is None and not run.cfg.TEXT_FEATURES:
+        width = int(run.state['txt_net']['fc1.weight'].shape[1])
+    if width is not None and len(words) != width:
+        raise UserError(f"{path}: {len(words)} words; the run's texts have {width} columns, "
+                        f"one a word (the file was changed since train.py wrote it?)")
+    return words, path
 
 
 def read_vocabulary(path):
@@ -706,6 +722,10 @@ def text_words(run, opts):
     vocab, source = vocabulary(run, opts)
     known = set(vocab)
     kept = [w for w in dict.fromkeys(words) if w in known]
+    if not words and run.cfg.DATASET == 'Custom':   # the tokenizer dropped every word
+        raise UserError(f"TEXT={opts.TEXT!r}: only stop words (such as a, the, of), "
+                        f"one-letter words or punctuation, which the vocabulary leaves out; "
+                        f"expected words such as {', '.join(vocab[:3])}")
     if not kept:
         raise UserError(f"TEXT={opts.TEXT!r}: no word of it is in {source} ({len(vocab)} "
                         f"words, such as {', '.join(vocab[:3])})")

@@ -240,6 +240,8 @@ class Session:
                  'split': {k: torch.from_numpy(getattr(self.data, k))
                            for k in ('query', 'train', 'database')},
                  'settings': vars(self.cfg)}
+        if self.data.digest:
+            state[DATA_DIGEST_KEY] = self.data.digest[1]
         if optimizer:
             state.update(opt_img=self.opt_img.state_dict(), opt_txt=self.opt_txt.state_dict(),
                          rng=self.rng_state())
@@ -249,6 +251,7 @@ class Session:
         """Load a checkpoint read by read_checkpoint; optimizer=True also loads the optimisers
         and the random state, to train on."""
         check_same_experiment(path, state['settings'], vars(self.cfg))
+        check_same_data(path, state, self.data)
         split = {key: idx.numpy() for key, idx in state['split'].items()}
         n_pairs, text_dim = self.data.texts.shape
         if max(idx.max(initial=-1) for idx in split.values()) >= n_pairs:
@@ -361,6 +364,23 @@ def saved_gpu(saved_settings):
 
 
 DIGEST_KEY = 'digest'
+DATA_DIGEST_KEY = 'data_digest'   # Custom: the manifest's sha256 (custom.manifest_digest)
+
+
+def check_same_data(path, state, data):
+    """Refuse data other than the checkpoint's: a Custom manifest edited since (a pair added,
+    removed or moved, a text or a label changed) would otherwise be evaluated, trained on or
+    searched silently, the split's indices naming other pairs. Benchmark files and
+    checkpoints older than the digest carry none: nothing to compare."""
+    saved = state.get(DATA_DIGEST_KEY)
+    if saved is None or data.digest is None:
+        return
+    manifest, now = data.digest
+    if saved != now:
+        raise UserError(f"checkpoint {path}: trained on another version of {manifest} (its "
+                        f"{saved[:19]}..., now {now[:19]}...): a pair added, removed, moved or "
+                        f"edited since; restore that file, or train anew (another RUN_NAME, "
+                        f"or RESUME=False)")
 DIGEST_PIECE = 64 << 20   # bytes hashed as one piece; the pieces are hashed in threads
 
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import pathlib
 import re
 from collections import Counter
 
@@ -13,6 +14,7 @@ import custom
 import datasets
 import demo
 import metric
+import pairs
 import search
 import settings
 from settings import UserError
@@ -102,6 +104,19 @@ BAD_CSV = [
     ('image,text\n../a.png,red dog\n', 'line 2', 'inside the'),
     ('image,text,labels\na.png\n', 'line 2', 'fields'),
     ('image,text\n', 'pairs.csv', 'no pairs'),
+    # which column is meant cannot be told
+    ('image,text,TEXT\na.png,red,blue\n', 'line 1', 'names the column text more than once'),
+    ('image;text\na.png;red\n', 'line 1', "separated by ';'"),
+    # an unquoted comma: 'on grass' would become a label
+    ('image,text,labels\na.png,a dog, on grass,dog\n', 'line 2', 'quote a field'),
+    # an unclosed quote would swallow the rows after it into one text
+    ('image,text\na.png,"red dog\nsub/b.png,blue\n', 'line 2', 'never closed'),
+    ('image,text\na.png,"red" dog\n', 'line 2', 'not CSV'),
+    ('image,text\na.png,' + 'w' * 200000 + '\n', 'line 2', 'longer than'),
+    ('image,text\nsub,red dog\n', 'line 2', 'is a folder, not a file'),
+    ('image,text\nsub/..,red dog\n', 'line 2', 'inside the'),
+    ('image,text\na.png\x00,red dog\n', 'line 2', 'control or invalid character'),
+    ('image,text\nsub\\b.png,red dog\n', 'line 2', "separated by '/'"),
 ]
 
 
@@ -119,18 +134,41 @@ def test_not_utf8_names_the_line(folder):
     (folder / 'pairs.csv').write_bytes(b'image,text\na.png,red\nsub/b.png,caf\xe9 noir\n')
     with pytest.raises(UserError, match=r'pairs.csv, line 3: byte 0xe9 is not UTF-8'):
         custom.read_manifest(str(folder / 'pairs.csv'))
+    (folder / 'pairs.csv').write_bytes('image,text\na.png,red\n'.encode('utf-16'))
+    with pytest.raises(UserError, match=r'line 1: byte 0xff is not UTF-8 \(it starts as UTF-16'):
+        custom.read_manifest(str(folder / 'pairs.csv'))
 
 
-@pytest.mark.parametrize('line, words', [('[1, 2]', 'a JSON list'),
+def test_csv_fields_beyond_the_header_only_when_empty(folder):
+    (folder / 'pairs.csv').write_text('image,text\na.png,red dog,,\nsub/b.png,"x, y"\n')
+    rows = custom.read_manifest(str(folder / 'pairs.csv'))   # a spreadsheet's trailing commas
+    assert [(r.image, r.text) for r in rows] == [('a.png', 'red dog'), ('sub/b.png', 'x, y')]
+
+
+@pytest.mark.parametrize('line, words', [('[1, 2]', 'an array'),
+                                         ('null', 'null; expected an object'),
                                          ('{"image": "a.png"}', "no string 'text'"),
                                          ('{"image": "a.png", "text": "x", "labels": "dog"}',
                                           'list of names'),
+                                         ('{"image": "a.png", "text": "x", "text": "y"}',
+                                          'the key text is given more than once'),
+                                         ('{"image": "a.png", "text": "x", "y": ' + '[' * 10**5
+                                          + ']' * 10**5 + '}', 'nested too deeply'),
                                          ('{"image": "a.png", "text": ', 'not JSON')])
 def test_bad_jsonl_gets_one_line(folder, line, words):
     (folder / 'pairs.jsonl').write_text('{"image": "sub/b.png", "text": "ok"}\n' + line + '\n')
     with pytest.raises(UserError, match='line 2') as err:
         custom.read_manifest(str(folder / 'pairs.jsonl'))
     assert words in str(err.value)
+
+
+def test_jsonl_lines_end_at_line_feeds_only(folder):
+    # U+2028 and U+0085 may stand in a JSON string as they are; str.splitlines cuts there
+    (folder / 'pairs.jsonl').write_text(
+        json.dumps({'image': 'a.png', 'text': 'red\u2028dog\x85cat'}, ensure_ascii=False)
+        + '\r\n' + json.dumps({'image': 'sub/b.png', 'text': 'blue'}) + '\n', encoding='utf-8')
+    rows = custom.read_manifest(str(folder / 'pairs.jsonl'))
+    assert [(r.line, r.text) for r in rows] == [(1, 'red\u2028dog\x85cat'), (2, 'blue')]
 
 
 def test_one_manifest_expected(folder):
@@ -140,6 +178,90 @@ def test_one_manifest_expected(folder):
     (folder / 'pairs.jsonl').write_text('{"image": "a.png", "text": "x"}\n')
     with pytest.raises(UserError, match='both'):
         custom.manifest_path(str(folder))
+    (folder / 'pairs.jsonl').unlink()
+    (folder / 'pairs.csv').rename(folder / 'Pairs.CSV')
+    with pytest.raises(UserError, match='neither.*it holds Pairs.CSV: the names are lower-case'):
+        custom.manifest_path(str(folder))
+    (folder / 'pairs.csv').mkdir()
+    with pytest.raises(UserError, match='pairs.csv: a folder, not a file'):
+        custom.manifest_path(str(folder))
+    (folder / 'pairs.csv').rmdir()
+    (folder / 'pairs.csv').symlink_to(folder / 'gone.csv')
+    with pytest.raises(UserError, match='pairs.csv: a broken symbolic link'):
+        custom.manifest_path(str(folder))
+
+
+def small_cfg(folder, **overrides):
+    """The 3-pair `folder`: 1 query, 2 training pairs."""
+    return cfg_for(folder, QUERY_SIZE=1, BATCH_SIZE=2, MIN_WORD_COUNT=1, **overrides)
+
+
+def write_pairs(folder, texts, labels=('', '', '')):
+    with open(folder / 'pairs.csv', 'w', newline='', encoding='utf-8') as f:
+        csv.writer(f).writerows([('image', 'text', 'labels'), *zip(
+            ('a.png', 'sub/b.png', 'sub/deeper/c.png'), texts, labels)])
+
+
+def test_texts_of_stop_words_only(folder):
+    write_pairs(folder, ('the and of', 'a b c', 'x, y!'))
+    with pytest.raises(UserError) as err:   # 'a lower MIN_WORD_COUNT' cannot help at 1
+        custom.load(small_cfg(folder))
+    assert 'pairs.csv: the texts of its 2 training pairs hold no word but stop words' in str(
+        err.value)
+
+
+def test_labels_that_cannot_measure_map(folder):
+    query = custom.split(3, 1, 2, 0)[0][0]   # the query pair of small_cfg
+    write_pairs(folder, ('red dog', 'blue cat', 'green cow'),
+                ['dog' if i == query else '' for i in range(3)])
+    with pytest.raises(UserError, match='none of the 1 labelled pairs is in the database set'):
+        datasets.load(small_cfg(folder), verbose=False)
+    write_pairs(folder, ('red dog', 'blue cat', 'green cow'),
+                ['' if i == query else 'dog' for i in range(3)])
+    with pytest.raises(UserError, match='in the query set, so mAP, taken over the labelled '
+                                        'queries, cannot be measured'):
+        datasets.load(small_cfg(folder), verbose=False)
+    write_pairs(folder, ('red dog', 'blue cat', 'green cow'), ('dog;pet', 'pet;dog', 'dog;pet'))
+    data = datasets.load(small_cfg(folder), verbose=False)
+    assert any('every labelled pair has the same labels (dog;pet)' in w for w in data.warnings)
+    write_pairs(folder, ('red dog', 'blue cat', 'green cow'), ('dog', 'cat', 'dog'))
+    assert not any('same labels' in w for w in datasets.load(small_cfg(folder),
+                                                             verbose=False).warnings)
+
+
+def save_image(path, array_or_image, **options):
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(
+        array_or_image)
+    image.save(path, **options)
+    return str(path)
+
+
+def test_odd_images_decode_to_rgb_bytes(tmp_path):
+    """Grey, 16-bit, RGBA, CMYK, 1 x 1, animated GIF, upper-case suffix: (H, W, 3) uint8."""
+    frames = [Image.new('P', (9, 7), i) for i in range(3)]
+    paths = [save_image(tmp_path / 'grey.png', np.full((7, 9), 200, np.uint8)),
+             save_image(tmp_path / 'deep.png', np.full((7, 9), 51400, np.uint16)),
+             save_image(tmp_path / 'alpha.png', np.full((7, 9, 4), 200, np.uint8)),
+             save_image(tmp_path / 'cmyk.JPG', Image.new('CMYK', (9, 7), (0, 0, 0, 0))),
+             save_image(tmp_path / 'one.png', np.full((1, 1, 3), 200, np.uint8)),
+             save_image(tmp_path / 'moving.gif', frames[0], save_all=True,
+                        append_images=frames[1:])]
+    images = pairs.FileImages(paths)
+    for i in range(len(paths)):
+        image = images[i]
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert images[1].max() == 200   # 16 bits scaled to 8, not clipped
+    assert images[3].min() > 240    # CMYK (0, 0, 0, 0) is white
+
+
+def test_a_strip_of_pixels_is_refused_before_resizing(tmp_path):
+    # Resize(256) of a 1 x 300 strip would make it 76,800 pixels wide
+    images = custom.ManifestImages([save_image(tmp_path / 'strip.png',
+                                               np.zeros((1, 300, 3), np.uint8))], ['m, line 2'])
+    for read in (images.__getitem__, images.pil):
+        with pytest.raises(UserError, match=r'm, line 2: .*strip.png: 300 x 1 pixels, one side '
+                                            r'more than 100 times the other'):
+            read(0)
 
 
 # ===== the split =====
@@ -312,6 +434,76 @@ def test_image_and_pair_queries(custom_run, tmp_path, capsys):
     assert ('query labels' in out) == bool(data.labels[pair].any())
     hits = run_query(custom_run, f'IMAGE_OF={pair}', 'K=3')
     assert all(h.words for h in hits.rows)   # texts shown by their vocabulary words
+
+
+def test_stop_words_only_query(custom_run):
+    with pytest.raises(UserError, match="TEXT='The, and a!': only stop words"):
+        run_query(custom_run, 'TEXT=The, and a!')
+
+
+@pytest.mark.parametrize('content, words', [
+    ('{"words": ["red", 2]}', "a list of strings 'words'"),
+    ('{"words": ["red"], "label_names": "dog"}', "'label_names'"),
+    ('{"words": ["red", "blue"]}', '2 words; the run\'s texts have'),   # the run reads more
+])
+def test_vocabulary_file_spoiled(custom_run, tmp_path, content, words):
+    run = search.open_run(custom_run)
+    run.dir = str(tmp_path)   # the run's checkpoint, a spoiled vocabulary.json
+    (tmp_path / custom.VOCABULARY_FILE).write_text(content)
+    with pytest.raises(UserError, match='vocabulary.json') as err:
+        search.custom_vocabulary(run)
+    assert words in str(err.value)
+
+
+def edited_copy(run_dir, tmp_path, edit):
+    """A copy of the run's data folder whose manifest `edit(lines)` changed."""
+    import shutil
+    copy = tmp_path / 'pairs'
+    shutil.copytree(json.loads(open(os.path.join(run_dir, 'settings.json')).read())['DATA_DIR'],
+                    copy)
+    lines = (copy / 'pairs.csv').read_bytes().splitlines(keepends=True)
+    (copy / 'pairs.csv').write_bytes(b''.join(edit(lines)))
+    return copy
+
+
+EDITS = {   # a manifest changed after training, the number of pairs kept
+    'rows swapped': lambda lines: [lines[0], lines[2], lines[1], *lines[3:]],
+    'a text edited': lambda lines: [*lines[:5], lines[5].replace(b',', b',Zebra ', 1), *lines[6:]],
+}
+
+
+@pytest.mark.parametrize('edit', list(EDITS))
+def test_a_run_refuses_its_manifest_changed(custom_run, tmp_path, edit):
+    """EVAL=True, a resume and search.py would otherwise read other pairs under the same
+    indices, silently. An unchanged copy elsewhere is the same data."""
+    import train
+    same = edited_copy(custom_run, tmp_path / 'same', lambda lines: lines)
+    run = search.open_run(custom_run)
+    assert len(search.run_data(run, str(same)).labels) == 120
+    changed = edited_copy(custom_run, tmp_path / 'changed', EDITS[edit])
+    run = search.open_run(custom_run)
+    with pytest.raises(UserError, match='trained on another version of .*pairs.csv'):
+        search.run_data(run, str(changed))
+    def written():   # the lock file takes each holder's process id: not a result
+        return {p: v for p, v in stamps(pathlib.Path(custom_run)).items() if p.name != '.lock'}
+    before = written()
+    cfg = search.run_settings(os.path.join(custom_run, 'settings.json'))
+    cfg.DATA_DIR, cfg.EVAL, cfg.OUT_DIR = str(changed), True, os.path.dirname(custom_run)
+    with pytest.raises(UserError, match='a pair added, removed, moved or edited since'):
+        train.Run(cfg).eval_checkpoint()
+    assert written() == before
+
+
+def test_extracted_features_name_their_manifest(folder):
+    """Rows reordered keep the manifest's size: extract.py told the files apart by size."""
+    import extract
+    write_pairs(folder, ('red dog', 'blue cat', 'green cow'))
+    cfg = small_cfg(folder, BACKBONE='alexnet', PRETRAINED=False)
+    first = extract.identity(cfg, datasets.load(cfg, verbose=False))
+    lines = (folder / 'pairs.csv').read_bytes().splitlines(keepends=True)
+    (folder / 'pairs.csv').write_bytes(b''.join([lines[0], lines[2], lines[1], lines[3]]))
+    again = extract.identity(cfg, datasets.load(cfg, verbose=False))
+    assert again['data_files'] == first['data_files'] and again != first
 
 
 @pytest.fixture(scope='module')

@@ -253,6 +253,8 @@ def test_folder_index_skips_bad_files(tiny_run, tmp_path, capsys):
     (['IMAGE=__missing.png'], "IMAGE='__missing.png': no such file"),
     (['TEXT=red00', 'IMAGE_OF=3'], 'expected exactly one of'),
     (['TEXT_OF=160'], 'TEXT_OF=160: expected a pair number from 0 to 159'),
+    (['TEXT_OF=-1'], 'TEXT_OF=-1: expected a pair number of at least 0'),   # not "none given"
+    (['IMAGE_OF=-7'], 'IMAGE_OF=-7: expected a pair number of at least 0'),
     (['TEXT=red00', 'TARGET=sound'], "TARGET='sound'"),
     (['TEXT=red00', 'COLLECTION=images'], 'no images image index'),
     (['TEXT=red00', 'VOCAB=__none.txt'], 'no tag vocabulary __none.txt'),
