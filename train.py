@@ -364,6 +364,7 @@ def saved_gpu(saved_settings):
 
 
 DIGEST_KEY = 'digest'
+DIGEST_PIECE = 64 << 20   # bytes hashed as one piece; the pieces are hashed in threads
 DATA_DIGEST_KEY = 'data_digest'   # Custom: the manifest's sha256 (custom.manifest_digest)
 
 
@@ -381,7 +382,6 @@ def check_same_data(path, state, data):
                         f"{saved[:19]}..., now {now[:19]}...): a pair added, removed, moved or "
                         f"edited since; restore that file, or train anew (another RUN_NAME, "
                         f"or RESUME=False)")
-DIGEST_PIECE = 64 << 20   # bytes hashed as one piece; the pieces are hashed in threads
 
 
 def checkpoint_digest(state):
