@@ -19,7 +19,6 @@ Every setting is KEY=VALUE (SETTINGS below); `--grid out.png` is GRID=out.png. T
 evaluation engine (faiss_top_map, faiss_map) and sharded search (search_shards) are here
 too; docs/search.md describes all of it.
 """
-import ast
 import hashlib
 import os
 import sys
@@ -158,14 +157,18 @@ def parse(argv):
 
 
 def options(pairs):
-    opts = dict(SETTINGS)
+    opts, given = dict(SETTINGS), {}
     for arg in pairs:
         key, sep, text = arg.partition('=')
         key = key.upper()
         if not sep or key not in SETTINGS:
-            raise UserError(f"argument {arg!r}: expected KEY=VALUE with KEY one of "
-                            f"{', '.join(SETTINGS)}")
+            raise UserError(f"argument {settings.shorten(arg)}: expected KEY=VALUE with KEY "
+                            f"one of {', '.join(SETTINGS)}")
         opts[key] = option_value(key, text)
+        if key in given and given[key] != opts[key]:
+            raise UserError(f"setting {key} given twice ({settings.shorten(given[key])} and "
+                            f"{settings.shorten(opts[key])}); expected it once")
+        given[key] = opts[key]
     if opts['TARGET'] not in ('',) + MODALITIES:
         raise UserError(f"setting TARGET={opts['TARGET']!r}: expected 'image' or 'text'")
     if opts['COLLECTION'] not in ('database', 'images'):
@@ -200,15 +203,12 @@ def check_grid(path, query_image):
 
 def option_value(key, text):
     """Strings are taken as written (quotes around them removed); integers must be integers."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
+    value = settings.literal(text)
     if isinstance(SETTINGS[key], str):
         value = value if isinstance(value, str) else text
         return value if key in ('TEXT', 'TARGET', 'COLLECTION') else os.path.expanduser(value)
     if type(value) is not int:
-        raise UserError(f"setting {key}={text!r}: expected an integer")
+        raise UserError(f"setting {key}={settings.shorten(text)}: expected an integer")
     return value
 
 
