@@ -37,6 +37,7 @@ the original is kept beside it as <name>.before-repack.
 Settings: RAW_DIR, SIZE, MIN_TAG_IMAGES, TOP_CONCEPTS, WORKERS, REPACK (SETTINGS below) and any
 of settings.py (DATASET, DATA_DIR, SPLIT_SEED for the check, ...).
 """
+import contextlib
 import io
 import multiprocessing
 import os
@@ -403,6 +404,11 @@ def build_nuswide(cfg):
 def repack_images(cfg):
     """Rewrite the dataset's IAll with one image per chunk; the original is kept."""
     path = dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll')
+    with folder_lock(os.path.dirname(os.path.abspath(path)), path):
+        repack_locked(path)
+
+
+def repack_locked(path):
     var = matfile.describe(path, 'IAll')
     if var.version != 'v7.3':
         print(f"{path}: a v5 file, read whole; nothing to repack")
@@ -414,7 +420,7 @@ def repack_images(cfg):
         print(f"{path}: already one image per chunk; nothing to do")
         return
     kept, tmp = path + '.before-repack', path + '.tmp'
-    if os.path.exists(kept):
+    if os.path.lexists(kept):
         raise UserError(f"{kept} exists (an earlier REPACK?); move it away first: REPACK keeps "
                         f"the original there and never overwrites a file")
     size = os.path.getsize(path)
@@ -424,24 +430,68 @@ def repack_images(cfg):
                         f"new copy, {free / 2**30:.1f} GiB free")
     print(f"repacking {path} ({store.chunks} a chunk, {store.compression}) to one image per "
           f"chunk")
+    linked = os.path.islink(path)
     try:
         matfile.repack(var, tmp, layout)
         if not matfile.same_images(var, tmp, layout):
             raise UserError(f"REPACK of {path}: the copy does not read back the same; "
                             f"original left as it was")
-        try:   # a second name for the original, so that the new file replaces it atomically
-            os.link(path, kept)
-        except OSError:   # a file system without hard links
-            os.replace(path, kept)
-        os.replace(tmp, path)
+        swap(path, tmp, kept)
     except matfile.READ_ERRORS as err:
         raise UserError(f"REPACK of {path}: {matfile.one_line(err)}; original left as it "
                         f"was") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"  done, read back byte-identical; the original is kept as {kept} "
-          f"({size / 2**30:.2f} GiB): delete it when you no longer need it")
+    if linked:   # the link was replaced by the new file; what it pointed to is untouched
+        print(f"  done, read back byte-identical; {path} was a link: it is now the repacked "
+              f"file, and {kept} links to the original, {os.path.realpath(kept)}, untouched")
+    else:
+        print(f"  done, read back byte-identical; the original is kept as {kept} "
+              f"({size / 2**30:.2f} GiB): delete it when you no longer need it")
+
+
+def swap(path, tmp, kept):
+    """Give the original a second name, `kept`, then put tmp in its place atomically."""
+    try:
+        os.link(path, kept, follow_symlinks=False)   # a symlinked IAll: kept is the link
+    except FileExistsError:   # made since it was checked: never written over
+        raise UserError(f"{kept} exists (made while REPACK ran?); the original is left as it "
+                        f"was") from None
+    except OSError:   # a file system without hard links
+        os.rename(path, kept)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not os.path.lexists(path):
+            os.rename(kept, path)   # the original back under its own name
+        else:
+            os.remove(kept)   # only the second name
+        raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder, path):
+    """One REPACK at a time in a folder: an exclusive flock on the folder itself (a second
+    REPACK would write the same temporary file), so that no lock file is left behind. Where
+    folders cannot be locked (no fcntl, some network file systems) it runs unlocked."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):   # a missing folder is reported by what follows
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"REPACK of {path}: another REPACK is running in {folder}; wait "
+                            f"for it to end") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 # ===== the command line =====
