@@ -67,13 +67,30 @@ def test_time_left_uses_matching_cells():
 
 
 @pytest.mark.parametrize('argv', [['SEED=1'], ['RUN_NAME=x'], ['NOT_A_SETTING=1'],
-                                  ['CODE_LEN="a"'], ['--seeds', '0']])
-def test_user_mistakes_exit_2(argv, capsys):
+                                  ['CODE_LEN="a"'], ['--seeds', '0'],
+                                  ['--seeds', '100000000'],   # listed cells for minutes
+                                  ['--max-cells', '0'], ['--max-cells', '-1'],
+                                  ['--out-dir', 'A_FILE'], ['--plan', '--out-dir', 'A_FILE'],
+                                  ['NUM_EPOCH=1', 'num_epoch=2']])
+def test_user_mistakes_exit_2(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'A_FILE').write_text('mine')
     with pytest.raises(SystemExit) as exit_:
         settings.run_cli(reproduce.main, ['--dry-run', '--table', 'demo', *argv])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1
+    assert os.listdir(tmp_path) == ['A_FILE']
+
+
+def test_repeated_list_options_add_up(capsys):
+    """'--table demo --table 1' is both tables (argparse kept the last alone, silently)."""
+    args = reproduce.run_parser().parse_args(['--table', 'demo', '--table', '1', '--bits', '16',
+                                              '--bits', '32', '64'])
+    assert args.table == ['demo', '1'] and args.bits == [16, 32, 64]
+    assert reproduce.main(['--dry-run', '--table', '2', '2', '--datasets', 'Wiki', '--bits',
+                           '16', '--seeds', '1']) == 0
+    assert '1 cells' in capsys.readouterr().out
 
 
 def test_dry_run_passes_overrides_through(tmp_path, capsys):
