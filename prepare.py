@@ -506,13 +506,28 @@ def resolve(argv):
     return cfg
 
 
+# What prepare.py says of the datasets it builds nothing for, before checking them.
+NOTHING_TO_BUILD = {
+    'Wiki': "Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
+            "into DATA_DIR); checking it",
+    'Custom': "Custom is your own folder of pairs, read as it is (docs/custom.md); checking it",
+}   # IAPR and MSCOCO exist only as published features (PUBLISHED=UCCH): nothing to build
+IALL_DATASETS = ('MIRFlickr', 'NUSWIDE', 'DEMO')   # the ones with an IAll to REPACK
+
+
 def main(argv):
     cfg = resolve(argv)
     dataset = cfg.DATASET
     if cfg.REPACK:
-        if dataset == 'Wiki':
-            raise UserError("setting REPACK=True: Wiki's images are JPEG files, not an IAll")
+        if dataset not in IALL_DATASETS:
+            raise UserError(f"setting REPACK=True: rewrites the IAll of DCMH's files "
+                            f"({', '.join(IALL_DATASETS)}); DATASET={dataset!r} has none")
+        if settings.uses_image_features(cfg):
+            raise UserError("setting REPACK=True: rewrites the images' IAll; leave "
+                            "IMAGE_FEATURES and PUBLISHED empty")
         repack_images(cfg)
+    elif cfg.PUBLISHED:
+        print(f"{cfg.PUBLISHED}'s feature files are read as they are downloaded; checking them")
     elif dataset == 'MIRFlickr':
         build_mirflickr(cfg)
     elif dataset == 'NUSWIDE':
@@ -521,8 +536,7 @@ def main(argv):
         demo.make_demo(cfg.DATA_DIR)
         print(f"DEMO: wrote {demo.DEMO_PAIRS} generated pairs to {cfg.DATA_DIR}")
     else:
-        print("Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
-              "into DATA_DIR); checking it")
+        print(NOTHING_TO_BUILD[dataset])
     datasets.check(cfg)
     return 0
 

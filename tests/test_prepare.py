@@ -286,12 +286,16 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
         (['WORKERS=-1'], 'WORKERS=-1'),
         (['RAW_DIR=3'], "setting RAW_DIR=3: expected a str"),
         (['SPLIT_SEED=0.5'], 'SPLIT_SEED'),            # a setting of settings.py, checked
-        (['DATASET=Flickr'], 'DATASET'),
+        (['DATASET=Flickr'], "DATASET='Flickr'"),
+        (['DATASET=Custom', 'REPACK=True'], "DATASET='Custom' has none"),   # was a KeyError
+        (['DATASET=IAPR', 'PUBLISHED="UCCH"', 'REPACK=True'], "DATASET='IAPR' has none"),
+        (['IMAGE_FEATURES="x.npy"', 'REPACK=True'], 'leave IMAGE_FEATURES and PUBLISHED empty'),
     ]
     for argv, named in cases:
-        code, err = run_prepare(['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path / "o")!r}']
-                                + argv, capsys)
+        base = ['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path / "o")!r}']
+        code, err = run_prepare(settings.with_defaults(base, argv), capsys)
         assert code == 2 and err.count('\n') == 1 and named in err, (argv, err)
+    assert not os.path.exists(tmp_path / 'o')
 
 
 def test_prepare_settings_are_settings(capsys):
@@ -486,3 +490,18 @@ def test_repack_of_a_symlinked_iall(tmp_path, capsys):
     assert (store / 'real.mat').read_bytes() == original
     with h5py.File(path, 'r') as f:
         assert f['IAll'].chunks[0] == 1
+
+
+@pytest.mark.parametrize('argv, said', [
+    (['DATASET=IAPR', 'PUBLISHED=UCCH'], "UCCH's feature files are read as they are"),
+    (['DATASET=MIRFlickr', 'PUBLISHED=UCCH'], "UCCH's feature files are read as they are"),
+    (['DATASET=Custom'], 'Custom is your own folder'),
+])
+def test_nothing_to_build_says_what_it_checks(argv, said, tmp_path, capsys):
+    """Not Wiki's words for every dataset it builds nothing for; and nothing is built into
+    a published layout's folder."""
+    with pytest.raises(SystemExit) as stop:   # the check then finds no such folder
+        settings.run_cli(prepare.main, [*argv, f"DATA_DIR={str(tmp_path / 'none')!r}"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 2 and said in out and 'Wiki' not in out
+    assert os.listdir(tmp_path) == []
