@@ -102,6 +102,21 @@ def check_codes(npz_path, codes):
             found = ', '.join(str(v) for v in np.unique(codes[key])[:5])
             raise settings.UserError(f"{npz_path}: {key} holds the values {found}; expected "
                                      f"hash codes of -1 and +1 (train.py's codes files)")
+    check_labels(npz_path, codes['query_labels'], codes['db_labels'])
+
+
+def check_labels(npz_path, query_labels, db_labels):
+    """0/1 labels, and some query sharing a label with some database item: otherwise every
+    precision is 0 and every recall undefined, and the figure would show nothing."""
+    for key, labels in (('query_labels', query_labels), ('db_labels', db_labels)):
+        if not np.isin(labels, (0, 1)).all():
+            found = ', '.join(str(v) for v in np.unique(labels)[:5])
+            raise settings.UserError(f"{npz_path}: {key} holds the values {found}; expected "
+                                     f"0 and 1")
+    if not (query_labels.any(0) & db_labels.any(0)).any():
+        raise settings.UserError(f"{npz_path}: no query shares a label with any database "
+                                 f"item, so nothing is relevant and every curve would be 0; "
+                                 f"expected the labels train.py saved")
 
 
 def read_json(path):

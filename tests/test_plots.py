@@ -148,6 +148,13 @@ def broken(tmp_path, how):
         else:
             codes = {k: v[:, :0] if k.endswith(('img', 'txt')) else v for k, v in codes.items()}
         np.savez(npz, **codes)
+    elif how in ('labels_zero', 'labels_signed'):
+        codes = make_codes(rng)
+        if how == 'labels_zero':
+            codes['query_labels'][:] = 0
+        else:
+            codes['db_labels'] = codes['db_labels'].astype(np.int8) * -1
+        np.savez(npz, **codes)
     elif how == 'results_list':
         (run / 'results.json').write_text('[1, 2]')
     elif how == 'results_codes_number':
@@ -168,6 +175,8 @@ BROKEN = {  # case -> (output name, words of the one-line error)
     'codes_01': ('x.png', ['epoch_003.npz', 'query_txt', 'values 0, 1', '-1 and +1']),
     'codes_bool': ('x.png', ['epoch_003.npz', 'db_img', '-1 and +1']),
     'no_bits': ('x.png', ['epoch_003.npz', 'unexpected shapes']),
+    'labels_zero': ('x.png', ['epoch_003.npz', 'no query shares a label']),  # drew nothing
+    'labels_signed': ('x.png', ['epoch_003.npz', 'db_labels', 'values -1, 0', '0 and 1']),
     'results_list': ('x.png', ['results.json', 'list']),
     'results_codes_number': ('x.png', None),   # the codes it names cannot be: the latest ones
     'results_not_json': ('x.png', ['results.json', 'cannot be read']),
