@@ -797,7 +797,9 @@ def write_csv(rows, path):
 def summarize(args):
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir():
-        raise settings.UserError(f"{runs_dir}: no such folder")
+        what = 'is a file' if runs_dir.exists() else 'no such folder'
+        raise settings.UserError(f"{runs_dir}: {what}; expected the folder of the runs "
+                                 f"(--out-dir of the grid)")
     results = load_results(runs_dir)
     rows = summary_rows(results)
     if not rows:

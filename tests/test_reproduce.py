@@ -395,6 +395,10 @@ def test_summary_lists_paper_numbers_beside_ours(tmp_path, capsys):
 def test_summary_of_nothing_is_a_user_error(tmp_path):
     with pytest.raises(settings.UserError, match='no results.json'):
         reproduce.main(['summary', str(tmp_path)])
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(settings.UserError, match='a_file: is a file; expected the folder'):
+        reproduce.main(['summary', str(tmp_path / 'a_file')])
+    (tmp_path / 'a_file').unlink()
     (tmp_path / 'r').mkdir()
     (tmp_path / 'r' / 'results.json').write_text('{"dataset": "DEMO"}')
     with pytest.raises(settings.UserError, match='missing code_len'):
