@@ -37,7 +37,6 @@
 
 The machine may be shared: the load average is printed with the timings.
 """
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -741,8 +740,30 @@ def print_search_eval(r):
           f"thread; difference {abs(r['metric_full_map'] - r['faiss_full_map']):.1e}")
 
 
+def int_list(option, text, sep=',', low=1, length=None):
+    """'1,2' -> [1, 2] (every one at least `low`; `length` of them when given), or one line
+    naming the option."""
+    try:
+        values = [int(float(x)) if sep == ':' else int(x) for x in text.split(sep)]
+    except ValueError:
+        values = []
+    if not values or min(values) < low or (length and len(values) != length):
+        shape = 'items:bits' if sep == ':' else f"integers of at least {low}, comma-separated"
+        raise settings.UserError(f"{option} {text}: expected {shape}")
+    return values
+
+
+def at_least(args, names, low):
+    """Each of these integer options is at least `low`, or one line naming it."""
+    for name in names:
+        value = getattr(args, name)
+        if value < low:
+            raise settings.UserError(f"--{name.replace('_', '-')} {value}: expected at least "
+                                     f"{low}")
+
+
 def main_search(argv):
-    parser = argparse.ArgumentParser(prog='bench.py search',
+    parser = settings.ArgumentParser(prog='bench.py search',
                                      description="FAISS binary indexes at scale")
     parser.add_argument('--sizes', default='1000000:64,10000000:64,10000000:128',
                         help="items:bits of each collection, comma-separated")
@@ -764,14 +785,21 @@ def main_search(argv):
     parser.add_argument('--eval-full-queries', type=int, default=200,
                         help="queries the full-mAP comparison runs on")
     args = parser.parse_args(argv)
-    args.nflips = [int(x) for x in args.nflips.split(',')]
-    args.batch_threads = [int(x) for x in args.batch_threads.split(',')]
+    args.nflips = int_list('--nflips', args.nflips, low=0)
+    args.batch_threads = int_list('--batch-threads', args.batch_threads)
+    sizes = [int_list('--sizes', size, sep=':', length=2) for size in args.sizes.split(',')]
+    kinds = args.kinds.split(',')
+    if not set(kinds) <= {'uniform', 'clustered'}:
+        raise settings.UserError(f"--kinds {args.kinds}: expected uniform, clustered or both, "
+                                 f"comma-separated")
+    at_least(args, ('queries', 'numpy_queries', 'topk', 'cluster_size', 'hash_bits',
+                    'eval_queries', 'eval_full_queries'), 1)
+    at_least(args, ('eval_database',), 0)
     print(costs.machine())
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth (one thread): {bandwidth / 1e9:.1f} GB/s")
-    for size in args.sizes.split(','):
-        n, nbits = (int(float(x)) for x in size.split(':'))
-        for kind in args.kinds.split(','):
+    for n, nbits in sizes:
+        for kind in kinds:
             print_search_one(bench_search_one(n, nbits, kind, args, bandwidth))
     if args.eval_database:
         print_search_eval(bench_search_eval(args.eval_queries, args.eval_database, 128,
@@ -1252,7 +1280,7 @@ def check_gpu_args(args):
 
 
 def main_gpu(argv):
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         prog='bench.py gpu', description="The acceptance run of a GPU: the same steps on it "
         "and on the CPU, what BF16, TF32 and CHANNELS_LAST cost, pairs/s against the floor, "
         "evaluation images/s, memory, and the predicted time of the paper's grids.")
@@ -1285,7 +1313,7 @@ def main(argv=None):
         return main_search(argv[1:])
     if argv[:1] == ['gpu']:
         return main_gpu(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = settings.ArgumentParser(prog='bench.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=3, help="timed runs of the fast version")
     parser.add_argument('--queries', type=int, default=2000, help="number of queries")
     parser.add_argument('--database', type=int, default=184577, help="database size")
@@ -1303,6 +1331,12 @@ def main(argv=None):
     parser.add_argument('--seconds', type=float, default=0,
                         help="loader: stop each pass after about this long (0: whole passes)")
     args = parser.parse_args(argv)
+    at_least(args, ('repeats', 'queries', 'database', 'bits', 'topk', 'loop_queries', 'steps',
+                    'epochs'), 1)
+    if args.seconds < 0 or args.seconds != args.seconds:
+        raise settings.UserError(f"--seconds {args.seconds}: expected 0 (whole passes) or more")
+    if args.device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', args.device):
+        raise settings.UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     print(costs.machine())
     if args.part == 'loader':   # not part of 'all': it writes a 3 GB replica on first use
         main_loader(args.overrides, args.seconds)

@@ -14,7 +14,6 @@ The figure has four panels: precision@top-R for I->T and T->I (R up to 2,000 on 
 otherwise), and precision against recall as the Hamming radius grows from 0 to the code
 length, for I->T and T->I. Every run is one line on each panel.
 """
-import argparse
 import json
 import sys
 import zipfile
@@ -233,16 +232,9 @@ def check_out(path):
 
 
 # ===== command line =====
-class Parser(argparse.ArgumentParser):
-    """argparse, its errors one line (settings.run_cli: exit status 2) like every other."""
-
-    def error(self, message):
-        raise settings.UserError(f"{message}; see python plots.py --help")
-
-
 def parse(argv):
     """The command line, checked; nothing is read or drawn."""
-    p = Parser(prog='plots.py', description=__doc__.split('\n')[0])
+    p = settings.ArgumentParser(prog='plots.py', description=__doc__.split('\n')[0])
     p.add_argument('runs', nargs='+', metavar='RUN_DIR',
                    help="run directories or codes .npz files; one line each")
     p.add_argument('--out', required=True, help="the PNG file to write")

@@ -15,7 +15,6 @@ The summary reads every results.json under a folder and lists, per cell and dire
 mean ± sample standard deviation (ddof=1) over seeds beside the paper's mAP@50 (its Tables 1
 and 2).
 """
-import argparse
 import csv
 import json
 import math
@@ -843,7 +842,7 @@ OVERRIDE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
 
 
 def run_parser():
-    p = argparse.ArgumentParser(
+    p = settings.ArgumentParser(
         prog='reproduce.py', description='Run a grid of train.py cells (resumable). '
         'See also: reproduce.py summary RUNS_DIR.')
     # extend: '--table demo --table 2' is both, as '--table demo 2' (it kept the last alone)
@@ -876,7 +875,7 @@ def run_parser():
 
 
 def summary_parser():
-    p = argparse.ArgumentParser(
+    p = settings.ArgumentParser(
         prog='reproduce.py summary',
         description='Tabulate every results.json under RUNS_DIR beside the paper.')
     p.add_argument('runs_dir', metavar='RUNS_DIR')

@@ -5,6 +5,7 @@ the constants here, then the preset of DATASET (PRESETS), then the ablation VARI
 (VARIANTS), then KEY=VALUE overrides from the command line. `resolve(argv)` does that and
 returns a namespace; importing this module reads no file and no command line.
 """
+import argparse
 import ast
 import math
 import os
@@ -374,6 +375,14 @@ def run_cli(main, argv):
         print("interrupted: stopped at once; every file written before is intact (run the "
               "same command to continue)", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands with --options (reproduce.py, bench.py, plots.py): a
+    mistake is one line, a UserError (run_cli: exit status 2), not usage and error."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see python {self.prog} --help")
 
 
 # ===== --help =====

@@ -103,6 +103,14 @@ def test_dataset_is_refused(tmp_path, capsys):
     (['--part', 'loader', 'DATASET=Wiki'], ["DATASET='Wiki'", "replica is MIRFlickr's"]),
     (['--part', 'loader', 'DATA_DIR=DEMO', 'CHUNK=8'], ['CHUNK=8', 'replica only']),
     (['--part', 'loader', 'DATA_DIR=DEMO', 'IMAGE_FEATURES="x.npy"'], ['IMAGE_FEATURES']),
+    (['--part', 'eval', '--bits', '0'], ['--bits 0', 'at least 1']),   # ran on 0 bits
+    (['--part', 'eval', '--repeats', '0'], ['--repeats 0']),          # UnboundLocalError
+    (['--part', 'eval', '--device', 'tpu'], ["--device 'tpu'"]),      # torch's RuntimeError
+    (['--part', 'loader', '--seconds', '-1'], ['--seconds -1.0']),
+    (['--part', 'bogus'], ["invalid choice: 'bogus'", 'python bench.py --help']),  # usage too
+    (['search', '--nflips', 'a'], ['--nflips a']),                    # int('a'): ValueError
+    (['search', '--sizes', '10'], ['--sizes 10', 'items:bits']),
+    (['search', '--kinds', 'foo'], ['--kinds foo']),
 ])
 def test_bad_arguments_are_one_line_before_any_work(argv, words, tiny_demo, tmp_path,
                                                      monkeypatch, capsys):
