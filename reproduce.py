@@ -276,7 +276,11 @@ def prepare_grid(args):
         raise settings.UserError(f"setting {', '.join(clash)} is set by the grid; use "
                                  "--table/--datasets/--variants/--bits/--seeds/--out-dir")
     cells = grid_cells(args.table, args.datasets, args.variants, args.bits, args.seeds)
-    return extra, cells, [cell_config(cell, extra) for cell in cells]
+    configs = [cell_config(cell, extra) for cell in cells]
+    if configs and configs[0].DEVICE.startswith('cuda'):   # a CUDA device that is not here
+        import train
+        train.pick_device(configs[0])
+    return extra, cells, configs
 
 
 def run_grid(args):

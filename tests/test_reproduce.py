@@ -72,7 +72,8 @@ def test_time_left_uses_matching_cells():
                                   ['--max-cells', '0'], ['--max-cells', '-1'],
                                   ['--out-dir', 'A_FILE'], ['--plan', '--out-dir', 'A_FILE'],
                                   ['NUM_EPOCH=1', 'num_epoch=2'],
-                                  ['--table', '9'], ['--tabel', '2']])   # argparse: usage too
+                                  ['--table', '9'], ['--tabel', '2'],   # argparse: usage too
+                                  ['DEVICE="cuda:7"', '--plan']])  # after its first timing
 def test_user_mistakes_exit_2(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'A_FILE').write_text('mine')
@@ -82,6 +83,16 @@ def test_user_mistakes_exit_2(argv, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1
     assert os.listdir(tmp_path) == ['A_FILE']
+
+
+def test_a_missing_feature_file_stops_the_grid_before_any_run(tmp_path, monkeypatch, capsys):
+    """Named before the first run (was left to train.py, after the DEMO was generated)."""
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(['--table', 'demo', '--seeds', '1', 'TEXT_FEATURES="none.npy"']) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: DEMO: setting TEXT_FEATURES='none.npy': no such file; expected an "
+                   "N x d array with one row per pair (extract.py writes the image features)\n")
+    assert os.listdir(tmp_path) == []
 
 
 def test_repeated_list_options_add_up(capsys):
