@@ -15,6 +15,7 @@ otherwise), and precision against recall as the Hamming radius grows from 0 to t
 length, for I->T and T->I. Every run is one line on each panel.
 """
 import json
+import os
 import sys
 import zipfile
 import zlib
@@ -200,14 +201,21 @@ def draw(series, out_path, title=None):
     if title:
         fig.suptitle(plain_text(title))
     fig.tight_layout()
+    out_path = Path(out_path)
+    # under a temporary name (same ending: it picks the format), renamed when complete, so
+    # that a failed or interrupted write never leaves half a picture under --out
+    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
     try:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=100)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out_path)
     except OSError as err:
         raise settings.UserError(f"--out {out_path}: cannot write it ({type(err).__name__}: "
                                  f"{err})") from err
     finally:
         plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def plain_text(text):

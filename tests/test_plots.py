@@ -1,12 +1,14 @@
 """plots.py: the curves it draws are metric.py's numbers for the right code pairs, they behave
 as they must on codes whose answer is known, and the PNG comes from saved codes alone."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import metric
 import plots
+import settings
 
 BITS = 16
 CLASSES = 4
@@ -209,6 +211,18 @@ def test_broken_input_is_one_line(case, tmp_path, capsys):
         assert word in err, err
     assert [p.name for p in tmp_path.iterdir() if p.suffix in ('.png', '.xyz')] == []
     assert list((tmp_path / 'folder').iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_partial_picture(tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+    run = save_run(tmp_path / 'run', make_codes(np.random.default_rng(8)))
+    def half_then_full_disk(fig, path, **kwargs):
+        Path(path).write_bytes(b'\x89PNG half')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', half_then_full_disk)
+    with pytest.raises(settings.UserError, match='No space left'):
+        plots.main([str(run), '--out', str(tmp_path / 'figs' / 'c.png')])
+    assert list((tmp_path / 'figs').iterdir()) == []
 
 
 def test_out_names_exactly_the_file_written(tmp_path, capsys):
