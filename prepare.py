@@ -525,6 +525,7 @@ def main(argv):
         if settings.uses_image_features(cfg):
             raise UserError("setting REPACK=True: rewrites the images' IAll; leave "
                             "IMAGE_FEATURES and PUBLISHED empty")
+        datasets.data_files(cfg)   # the other files too: a folder the check fails is left alone
         repack_images(cfg)
     elif cfg.PUBLISHED:
         print(f"{cfg.PUBLISHED}'s feature files are read as they are downloaded; checking them")

@@ -453,6 +453,19 @@ def test_repack_while_another_runs_is_refused(tmp_path, capsys):
     assert prepare.main(repack_argv(folder)) == 0   # the lock went with its process
 
 
+def test_repack_of_an_incomplete_folder_changes_nothing(tmp_path, capsys):
+    """LAll missing: refused before the IAll is rewritten (it was rewritten, then the check
+    failed with exit status 2)."""
+    folder = tmp_path / 'mir'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    rewrite_iall(folder / conftest.MIR_NAMES[0], compression='gzip')
+    os.remove(folder / conftest.MIR_NAMES[2])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, err = run_prepare(repack_argv(folder), capsys)
+    assert code == 2 and 'missing file mirflickr25k-lall.mat' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_repack_never_writes_over_a_kept_file_made_meanwhile(tmp_path, monkeypatch, capsys):
     folder = tmp_path / 'mir'
     conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
