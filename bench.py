@@ -1084,7 +1084,8 @@ def speed_part(data, overrides, device, sizes, backbone):
     run does (224 px, batch 32) for the prediction."""
     import train
     crop, batch = sizes['crop'], sizes['batch']
-    cfg = gpu_config([f"NUM_WORKERS={sizes['workers']}", *overrides], DEVICE=device,
+    cfg = gpu_config(settings.with_defaults([f"NUM_WORKERS={sizes['workers']}"], overrides),
+                     DEVICE=device,
                      BACKBONE=backbone, CROP=crop, RESIZE=resize_for(crop), BATCH_SIZE=batch)
     train.configure_torch(cfg)
     session = train.Session(cfg, data)

@@ -165,9 +165,10 @@ def options(pairs):
             raise UserError(f"argument {settings.shorten(arg)}: expected KEY=VALUE with KEY "
                             f"one of {', '.join(SETTINGS)}")
         opts[key] = option_value(key, text)
-        if key in given and given[key] != opts[key]:
-            raise UserError(f"setting {key} given twice ({settings.shorten(given[key])} and "
-                            f"{settings.shorten(opts[key])}); expected it once")
+        if key in given and given[key] != opts[key]:   # the last wins, as in settings.py
+            settings.warn_once(f"setting {key} given twice ({settings.shorten(given[key])}, "
+                               f"then {settings.shorten(opts[key])}): the last, "
+                               f"{settings.shorten(opts[key])}, is used")
         given[key] = opts[key]
     if opts['TARGET'] not in ('',) + MODALITIES:
         raise UserError(f"setting TARGET={opts['TARGET']!r}: expected 'image' or 'text'")

@@ -150,7 +150,7 @@ SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
 NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
                           'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
                           'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'PUBLISHED_ONLY',
-                          'USAGE_WIDTH', 'CONTINUATION_LINE', 'TYPE_WORDS'})
+                          'USAGE_WIDTH', 'CONTINUATION_LINE', 'TYPE_WORDS', 'WARNED'})
 
 
 class UserError(Exception):
@@ -165,7 +165,8 @@ def defaults():
 
 def parse_overrides(argv):
     """KEY=VALUE strings -> dict of UPPER_CASE key to Python value (unchecked). A key given
-    twice with different values is refused: which one was meant is anyone's guess."""
+    twice with different values: the last wins, as in a shell script that overrides its
+    common settings (`train.py $COMMON CODE_LEN=32`), and a warning says so."""
     out = {}
     for arg in argv:
         if arg in ('-h', '--help', 'help'):
@@ -176,15 +177,25 @@ def parse_overrides(argv):
         value = literal(text)
         key = key.upper()
         if key in out and not same_value(out[key], value):
-            raise UserError(f"setting {key} given twice ({shorten(out[key])} and "
-                            f"{shorten(value)}); expected it once")
+            warn_once(f"setting {key} given twice ({shorten(out[key])}, then {shorten(value)}):"
+                      f" the last, {shorten(value)}, is used")
         out[key] = value
     return out
 
 
+WARNED = set()   # warn_once's messages: a grid resolves the same arguments once per cell
+
+
+def warn_once(message):
+    """On stdout, as the data's warnings: stderr keeps to the one line of an error."""
+    if message not in WARNED:
+        WARNED.add(message)
+        print(f"warning: {message}")
+
+
 def with_defaults(defaults, argv):
     """A command's own KEY=VALUE defaults, then the user's argv: a key the user gives
-    replaces the default (rather than counting as given twice)."""
+    replaces the default (without the warning of a key given twice)."""
     given = parse_overrides(argv)
     return [arg for arg in defaults if arg.partition('=')[0].upper() not in given] + list(argv)
 

@@ -71,7 +71,6 @@ def test_time_left_uses_matching_cells():
                                   ['--seeds', '100000000'],   # listed cells for minutes
                                   ['--max-cells', '0'], ['--max-cells', '-1'],
                                   ['--out-dir', 'A_FILE'], ['--plan', '--out-dir', 'A_FILE'],
-                                  ['NUM_EPOCH=1', 'num_epoch=2'],
                                   ['--table', '9'], ['--tabel', '2'],   # argparse: usage too
                                   ['DEVICE="cuda:7"', '--plan']])  # after its first timing
 def test_user_mistakes_exit_2(argv, tmp_path, monkeypatch, capsys):

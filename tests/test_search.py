@@ -511,7 +511,6 @@ BAD_ARGS = {   # arguments after `query` -> words of the one-line error
     ('RUN={tmp}', 'TEXT=red00'): ['RUN=', 'no checkpoint.pt'],
     ('TEXT=red00',): ['setting RUN', 'expected the run directory'],
     ('RUN={run}', 'IMAGE_OF=3', 'K={{[1]}}'): ['K=', 'expected an integer'],
-    ('RUN={run}', 'IMAGE_OF=3', 'K=5', 'k=7'): ['K given twice', '5 and 7'],
 }
 
 

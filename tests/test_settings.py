@@ -57,7 +57,6 @@ def test_override_types():
 
 
 @pytest.mark.parametrize('argv, words', [
-    (['CODE_LEN=16', 'code_len=32'], ['CODE_LEN given twice', '16 and 32']),
     (['BETA=' + '-' * 100000 + '1'], ['BETA=']),           # the parser: MemoryError
     (['CODE_LEN=1' + '+1' * 3000], ['CODE_LEN=']),         # RecursionError
     (['CODE_LEN={{}}'], ['CODE_LEN=']),                    # TypeError: a set of a dict
@@ -74,8 +73,15 @@ def test_odd_values_are_one_short_line(argv, words):
     assert all(word in message for word in words) and len(message) < 1000, message[:300]
 
 
-def test_a_repeated_setting_with_the_same_value_is_fine():
+def test_a_repeated_setting_warns_once_and_the_last_wins(capsys, monkeypatch):
+    """Not silent; and a script's `$COMMON CODE_LEN=32` still overrides its common value."""
+    monkeypatch.setattr(settings, 'WARNED', set())
+    for _ in range(2):   # a grid resolves the same arguments once per cell: one warning
+        assert settings.resolve(['CODE_LEN=16', 'code_len=32']).CODE_LEN == 32
+    assert capsys.readouterr().out == ("warning: setting CODE_LEN given twice (16, then 32): "
+                                       "the last, 32, is used\n")
     assert settings.resolve(['CODE_LEN=16', 'CODE_LEN=16', 'LR_IMG=1', 'LR_IMG=1.0']).CODE_LEN == 16
+    assert capsys.readouterr().out == ''
     assert settings.with_defaults(['DATASET=DEMO', 'NUM_WORKERS=1'], ['num_workers=0']) == \
         ['DATASET=DEMO', 'num_workers=0']
 
