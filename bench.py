@@ -37,11 +37,11 @@
 
 The machine may be shared: the load average is printed with the timings.
 """
-import argparse
 import contextlib
 import dataclasses
 import gc
 import os
+import re
 import statistics
 import sys
 import time
@@ -363,12 +363,29 @@ def write_loader_replica(folder, chunk, n=LOADER_PAIRS, size=LOADER_SIZE, seed=0
     chunk; YAll and LAll v5, random. Returns the seconds spent, or None when a complete
     replica was already there (each file is written under a temporary name, then renamed)."""
     import dcmh
-    import matfile
     names = [os.path.join(folder, name) for name in dcmh.DCMH_FILES['MIRFlickr']]
     if all(os.path.isfile(path) for path in names):
         return None
+    import train
+    made = train.missing_folders(folder)   # deepest first
     os.makedirs(folder, exist_ok=True)
     start = time.perf_counter()
+    try:
+        write_replica_files(names, chunk, n, size, seed)
+    except BaseException:   # Ctrl-C too: no half-written replica left behind
+        for path in names:
+            if os.path.exists(path + '.tmp'):
+                os.remove(path + '.tmp')
+        train.remove_empty(made)
+        raise
+    for path in names[1:] + names[:1]:   # IAll last: the three present means complete
+        os.replace(path + '.tmp', path)
+    return time.perf_counter() - start
+
+
+def write_replica_files(names, chunk, n, size, seed):
+    """The three files of write_loader_replica, each under its name + '.tmp'."""
+    import matfile
     rng = np.random.default_rng(seed)
     labels = (rng.random((n, LOADER_LABELS)) < 0.12).astype(np.float64)
     labels[np.arange(n), rng.integers(LOADER_LABELS, size=n)] = 1
@@ -387,9 +404,6 @@ def write_loader_replica(folder, chunk, n=LOADER_PAIRS, size=LOADER_SIZE, seed=0
             b = min(n, a + step)
             ds[a:b] = replica_images(pool, a, b).transpose(0, 3, 2, 1)  # -> (N, 3, W, H)
     matfile.finish_mat73(tmp)
-    for path in names[1:] + names[:1]:   # IAll last: the three present means complete
-        os.replace(path + '.tmp', path)
-    return time.perf_counter() - start
 
 
 def timed_pass(make_loader, seconds=0):
@@ -424,12 +438,12 @@ def bench_loader(cfg, epochs=2, seconds=0):
     and of the largest worker."""
     import resource
     import datasets
-    import dcmh
-    import matfile
     data = datasets.load(cfg, verbose=False)
-    ivar = matfile.describe(dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll'), 'IAll')
+    if getattr(data.images, 'is_features', False):
+        raise settings.UserError("bench.py --part loader measures the image loader: leave "
+                                 "IMAGE_FEATURES and PUBLISHED empty")
     out = dict(dataset=cfg.DATASET, data_dir=cfg.DATA_DIR, workers=max(1, cfg.NUM_WORKERS),
-               storage=matfile.storage(ivar), n_train=len(data.train),
+               storage=storage_words(data.images), n_train=len(data.train),
                n_database=len(data.database), epochs=[])
     for epoch in range(epochs):
         generator = torch.Generator().manual_seed(epoch)
@@ -441,15 +455,23 @@ def bench_loader(cfg, epochs=2, seconds=0):
     return out
 
 
+def storage_words(images):
+    """How the images are stored: an HDF5 IAll's chunks, a v5 IAll, or image files (Wiki,
+    Custom)."""
+    import pairs
+    if isinstance(images, pairs.H5Images):
+        s = images.storage
+        return f"chunks of {s.chunks}, {s.compression} {s.level}"
+    return "image files" if isinstance(images, pairs.FileImages) else "a v5 file"
+
+
 def print_loader(r):
     """The two lines `loader train:` (the first epoch, which reads the file) and `loader
     database:`, in images per CPU-second of the loading processes per worker: the rate of a
     worker on a core of its own (the wall-clock rate, which depends on what else runs, is
     on the lines below)."""
-    s = r['storage']
     workers = r['workers']
-    where = (f"chunks of {s.chunks}, {s.compression} {s.level}" if s else "a v5 file")
-    print(f"== image loader: {r['dataset']} in {r['data_dir']} ({where}); "
+    print(f"== image loader: {r['dataset']} in {r['data_dir']} ({r['storage']}); "
           f"{workers} worker{'s' * (workers > 1)} ==")
     def rate(n, cpu):
         return n / cpu if cpu else float("nan")
@@ -467,13 +489,31 @@ def print_loader(r):
           f"{r['worker_peak_bytes'] / 2 ** 30:.2f} GiB")
 
 
+def check_loader_settings(cfg, given):
+    """CHUNK shapes the replica, which is MIRFlickr's: it needs no DATA_DIR, and DATASET
+    MIRFlickr; with DATA_DIR the data's own chunks are measured. Checked before anything
+    is written (a replica takes minutes)."""
+    if 'DATA_DIR' in given:
+        if 'CHUNK' in given:
+            raise settings.UserError(f"setting CHUNK={cfg.CHUNK}: applies to the replica only; "
+                                     f"with DATA_DIR the file's own chunks are measured "
+                                     f"(prepare.py REPACK=True changes them)")
+        return
+    if cfg.DATASET != 'MIRFlickr':
+        raise settings.UserError(f"setting DATASET={cfg.DATASET!r}: the replica is MIRFlickr's; "
+                                 f"give DATA_DIR= to measure {cfg.DATASET}'s own files")
+    if not 1 <= cfg.CHUNK <= LOADER_PAIRS:
+        raise settings.UserError(f"setting CHUNK={cfg.CHUNK}: expected 1 to {LOADER_PAIRS} "
+                                 f"images (the replica's pairs)")
+
+
 def main_loader(overrides, seconds, replicas=LOADER_REPLICAS):
     """--part loader: on DATA_DIR if given, else on a replica written (once) with CHUNK."""
     given = settings.parse_overrides(overrides)
-    cfg = settings.resolve(['DATASET=MIRFlickr', 'NUM_WORKERS=1', 'DEVICE="cpu"', *overrides],
+    cfg = settings.resolve(settings.with_defaults(
+        ['DATASET=MIRFlickr', 'NUM_WORKERS=1', 'DEVICE="cpu"'], overrides),
                            extra=dict(CHUNK=64))
-    if cfg.CHUNK < 1:
-        raise settings.UserError(f"setting CHUNK={cfg.CHUNK}: expected at least 1 image")
+    check_loader_settings(cfg, given)
     if 'DATA_DIR' not in given:
         cfg.DATA_DIR = os.path.join(replicas, f"mirflickr-{LOADER_SIZE}px-chunk{cfg.CHUNK}")
         print(f"replica: {cfg.DATA_DIR} ({LOADER_PAIRS} images of {LOADER_SIZE} px, "
@@ -700,8 +740,30 @@ def print_search_eval(r):
           f"thread; difference {abs(r['metric_full_map'] - r['faiss_full_map']):.1e}")
 
 
+def int_list(option, text, sep=',', low=1, length=None):
+    """'1,2' -> [1, 2] (every one at least `low`; `length` of them when given), or one line
+    naming the option."""
+    try:
+        values = [int(float(x)) if sep == ':' else int(x) for x in text.split(sep)]
+    except ValueError:
+        values = []
+    if not values or min(values) < low or (length and len(values) != length):
+        shape = 'items:bits' if sep == ':' else f"integers of at least {low}, comma-separated"
+        raise settings.UserError(f"{option} {text}: expected {shape}")
+    return values
+
+
+def at_least(args, names, low):
+    """Each of these integer options is at least `low`, or one line naming it."""
+    for name in names:
+        value = getattr(args, name)
+        if value < low:
+            raise settings.UserError(f"--{name.replace('_', '-')} {value}: expected at least "
+                                     f"{low}")
+
+
 def main_search(argv):
-    parser = argparse.ArgumentParser(prog='bench.py search',
+    parser = settings.ArgumentParser(prog='bench.py search',
                                      description="FAISS binary indexes at scale")
     parser.add_argument('--sizes', default='1000000:64,10000000:64,10000000:128',
                         help="items:bits of each collection, comma-separated")
@@ -723,14 +785,21 @@ def main_search(argv):
     parser.add_argument('--eval-full-queries', type=int, default=200,
                         help="queries the full-mAP comparison runs on")
     args = parser.parse_args(argv)
-    args.nflips = [int(x) for x in args.nflips.split(',')]
-    args.batch_threads = [int(x) for x in args.batch_threads.split(',')]
+    args.nflips = int_list('--nflips', args.nflips, low=0)
+    args.batch_threads = int_list('--batch-threads', args.batch_threads)
+    sizes = [int_list('--sizes', size, sep=':', length=2) for size in args.sizes.split(',')]
+    kinds = args.kinds.split(',')
+    if not set(kinds) <= {'uniform', 'clustered'}:
+        raise settings.UserError(f"--kinds {args.kinds}: expected uniform, clustered or both, "
+                                 f"comma-separated")
+    at_least(args, ('queries', 'numpy_queries', 'topk', 'cluster_size', 'hash_bits',
+                    'eval_queries', 'eval_full_queries'), 1)
+    at_least(args, ('eval_database',), 0)
     print(costs.machine())
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth (one thread): {bandwidth / 1e9:.1f} GB/s")
-    for size in args.sizes.split(','):
-        n, nbits = (int(float(x)) for x in size.split(':'))
-        for kind in args.kinds.split(','):
+    for n, nbits in sizes:
+        for kind in kinds:
             print_search_one(bench_search_one(n, nbits, kind, args, bandwidth))
     if args.eval_database:
         print_search_eval(bench_search_eval(args.eval_queries, args.eval_database, 128,
@@ -801,7 +870,7 @@ def bench_gpu(device, sizes, overrides=()):
 
 def gpu_config(overrides, **forced):
     """The DEMO preset, then the user's KEY=VALUE, then what this part of the run sets."""
-    return settings.resolve(['DATASET=DEMO', *overrides], **forced)
+    return settings.resolve(settings.with_defaults(['DATASET=DEMO'], overrides), **forced)
 
 
 def grid_extra(overrides):
@@ -1015,7 +1084,8 @@ def speed_part(data, overrides, device, sizes, backbone):
     run does (224 px, batch 32) for the prediction."""
     import train
     crop, batch = sizes['crop'], sizes['batch']
-    cfg = gpu_config([f"NUM_WORKERS={sizes['workers']}", *overrides], DEVICE=device,
+    cfg = gpu_config(settings.with_defaults([f"NUM_WORKERS={sizes['workers']}"], overrides),
+                     DEVICE=device,
                      BACKBONE=backbone, CROP=crop, RESIZE=resize_for(crop), BATCH_SIZE=batch)
     train.configure_torch(cfg)
     session = train.Session(cfg, data)
@@ -1195,8 +1265,23 @@ def write_gpu_report(r, out_dir):
     return stem + '.json', stem + '.md'
 
 
+def check_gpu_args(args):
+    """--device, --out and the KEY=VALUE settings, before minutes of work: --device names
+    one device (not '' = 'whichever', which on a CPU would run the full sizes), --out a
+    folder, and DEVICE is --device's."""
+    if args.device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', args.device):
+        raise settings.UserError(f"bench.py gpu --device {args.device!r}: expected cpu, cuda or "
+                                 f"cuda:N")
+    if 'DEVICE' in settings.parse_overrides(args.overrides):
+        raise settings.UserError("bench.py gpu: setting DEVICE: the device is --device's; "
+                                 "leave DEVICE out")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise settings.UserError(f"bench.py gpu --out {args.out}: is a file; expected a folder "
+                                 f"for the JSON and markdown files")
+
+
 def main_gpu(argv):
-    parser = argparse.ArgumentParser(
+    parser = settings.ArgumentParser(
         prog='bench.py gpu', description="The acceptance run of a GPU: the same steps on it "
         "and on the CPU, what BF16, TF32 and CHANNELS_LAST cost, pairs/s against the floor, "
         "evaluation images/s, memory, and the predicted time of the paper's grids.")
@@ -1209,6 +1294,7 @@ def main_gpu(argv):
     parser.add_argument('overrides', nargs='*', metavar='KEY=VALUE',
                         help="settings for every part (DATA_DIR of the DEMO, NUM_WORKERS, ...)")
     args = parser.parse_args(argv)
+    check_gpu_args(args)
     sizes = GPU_SIZES[args.sizes or ('small' if args.device == 'cpu' else 'full')]
     print(costs.machine())
     figures = bench_gpu(args.device, sizes, args.overrides)
@@ -1228,7 +1314,7 @@ def main(argv=None):
         return main_search(argv[1:])
     if argv[:1] == ['gpu']:
         return main_gpu(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = settings.ArgumentParser(prog='bench.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('--repeats', type=int, default=3, help="timed runs of the fast version")
     parser.add_argument('--queries', type=int, default=2000, help="number of queries")
     parser.add_argument('--database', type=int, default=184577, help="database size")
@@ -1246,6 +1332,12 @@ def main(argv=None):
     parser.add_argument('--seconds', type=float, default=0,
                         help="loader: stop each pass after about this long (0: whole passes)")
     args = parser.parse_args(argv)
+    at_least(args, ('repeats', 'queries', 'database', 'bits', 'topk', 'loop_queries', 'steps',
+                    'epochs'), 1)
+    if args.seconds < 0 or args.seconds != args.seconds:
+        raise settings.UserError(f"--seconds {args.seconds}: expected 0 (whole passes) or more")
+    if args.device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', args.device):
+        raise settings.UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     print(costs.machine())
     if args.part == 'loader':   # not part of 'all': it writes a 3 GB replica on first use
         main_loader(args.overrides, args.seconds)
@@ -1254,14 +1346,15 @@ def main(argv=None):
                               repeats=args.repeats, loop_queries=args.loop_queries,
                               device=args.device))
     if args.part in ('all', 'train'):
-        cfg = settings.resolve(['DATASET=DEMO', *args.overrides])
+        cfg = settings.resolve(settings.with_defaults(['DATASET=DEMO'], args.overrides))
         print_train(bench_train(cfg, args.steps, args.epochs))
     if args.part in ('all', 'map_all'):
         print_full_map(bench_full_map(args.queries, args.database, args.bits, topk=args.topk,
                                       repeats=args.repeats))
     if args.part in ('all', 'features'):
-        cfg = settings.resolve(['DATASET=MIRFlickr', 'IMAGE_FEATURES="(in memory)"',
-                                'DEVICE="cpu"', *args.overrides])
+        cfg = settings.resolve(settings.with_defaults(
+            ['DATASET=MIRFlickr', 'IMAGE_FEATURES="(in memory)"', 'DEVICE="cpu"'],
+            args.overrides))
         print_feature_train(bench_feature_train(cfg, args.epochs))
     if args.part in ('all', 'extract'):
         print_extract(bench_extract())

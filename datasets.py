@@ -96,14 +96,28 @@ def data_files(cfg):
     naming what is missing and where to get it. DEMO's are generated on first use."""
     if cfg.DATASET == 'DEMO' and not cfg.PUBLISHED:
         names = [os.path.join(cfg.DATA_DIR, name) for name in dcmh.DCMH_FILES['DEMO']]
-        return [path for path in names if os.path.isfile(path)]
-    if cfg.PUBLISHED:
+        files = [path for path in names if os.path.isfile(path)]
+    elif cfg.PUBLISHED:
         check_not_mixed(cfg)
-        return published.find_files(cfg)
-    need_folder(cfg)
-    check_not_mixed(cfg)
-    files = READERS[cfg.DATASET].find_files(cfg, need_images=not cfg.IMAGE_FEATURES)
-    return files + [f for f in (cfg.IMAGE_FEATURES, cfg.TEXT_FEATURES) if f]
+        files = published.find_files(cfg)
+    else:
+        need_folder(cfg)
+        check_not_mixed(cfg)
+        files = READERS[cfg.DATASET].find_files(cfg, need_images=not cfg.IMAGE_FEATURES)
+    return files + feature_files(cfg)
+
+
+def feature_files(cfg):
+    """IMAGE_FEATURES and TEXT_FEATURES when given; a missing one is named (as
+    features.read_features names it) before a grid starts, not in its first train.py."""
+    out = []
+    for key in ('IMAGE_FEATURES', 'TEXT_FEATURES'):
+        path = getattr(cfg, key)
+        if path and not os.path.isfile(path):
+            raise UserError(f"setting {key}={path!r}: no such file; expected an N x d array "
+                            f"with one row per pair (extract.py writes the image features)")
+        out += [path] if path else []
+    return out
 
 
 def check_not_mixed(cfg):

@@ -228,6 +228,10 @@ def extract(cfg):
     if settings.uses_image_features(cfg):
         raise UserError("extract.py reads the images: leave IMAGE_FEATURES and PUBLISHED empty")
     path = output_path(cfg)
+    for name in (path, path + '.partial', path + '.progress.json', record_path(path)):
+        if os.path.isdir(name):   # found at the end, after every row was computed
+            raise UserError(f"{name} is a folder; extract.py writes a file under that name: "
+                            f"move the folder away")
     data = datasets.load(cfg)
     with contextlib.ExitStack() as stack:
         try:
@@ -249,6 +253,8 @@ def extract_locked(cfg, data, path):
     n = len(data.labels)
     device = train.pick_device(cfg)
     train.configure_torch(cfg)   # TF32 and cudnn as train.py has them
+    # the network first: weights that cannot be had (offline) must leave no partial file
+    net = feature_network(cfg, device)
     out = PartialFile(path, ident, device_name(device))
     try:
         out.open(cfg.RESUME)
@@ -257,7 +263,6 @@ def extract_locked(cfg, data, path):
                         f"({err.strerror})") from None
     print(f"extracting {cfg.BACKBONE} {LAYER} of {n} pairs on {device} into {path}"
           + (f" (resuming at row {out.done})" if out.done else ''))
-    net = feature_network(cfg, device)
     loader = pair_loader(data, out.done, cfg)
     try:
         with tqdm(total=n, initial=out.done, unit='img', disable=not sys.stderr.isatty()) as bar:

@@ -86,6 +86,7 @@ def describe(path, key):
                         raise UserError(f"{path}: {key} is an HDF5 group, expected an array")
                     shape = (int(obj.attrs['MATLAB_sparse']), obj['jc'].shape[0] - 1)
                     return MatVar(path, key, 'v7.3', shape, 'sparse')
+                check_filters(obj, path, key)
                 reverse = bool(mclass)  # MATLAB wrote it: column-major, axes reversed
                 shape = tuple(obj.shape[::-1] if reverse else obj.shape)
                 return MatVar(path, key, 'v7.3', shape, mclass or obj.dtype.name, reverse)
@@ -104,6 +105,24 @@ def describe(path, key):
             return MatVar(path, key, 'v5', tuple(shape), mclass)
     raise UserError(f"{path}: no variable {key!r} (found {[v[0] for v in found]}); "
                     f"expected {key}")
+
+
+def check_filters(ds, path, key):
+    """Every HDF5 filter of the dataset decodes here. One that needs a plugin h5py lacks
+    (blosc, zstd, bitshuffle, ...) would fail at the first read with HDF5's words about a
+    plugin folder, which do not say that the file is sound and the decoder missing."""
+    plist = ds.id.get_create_plist()
+    missing = []
+    for i in range(plist.get_nfilters()):
+        code, _, _, name = plist.get_filter(i)
+        if not (h5py.h5z.filter_avail(code) and
+                h5py.h5z.get_filter_info(code) & h5py.h5z.FILTER_CONFIG_DECODE_ENABLED):
+            missing.append(f"{code}" + (f" ({name.decode(errors='replace')})" if name else ""))
+    if missing:
+        raise UserError(f"{path}: {key} is compressed with HDF5 filter {', '.join(missing)}, "
+                        f"which this h5py cannot decode (its plugin is not installed); "
+                        f"expected gzip, lzf, szip or no compression: re-save {key} with one "
+                        f"of those where the plugin is installed (e.g. h5repack -f GZIP=4)")
 
 
 @dataclasses.dataclass
@@ -247,7 +266,7 @@ def repack(var, path, layout, per_chunk=1, block_bytes=256 << 20):
         out = dst.create_dataset(var.key, shape=ds.shape, dtype=ds.dtype, chunks=tuple(chunks),
                                  compression=ds.compression, shuffle=ds.shuffle,
                                  compression_opts=ds.compression_opts,
-                                 fletcher32=ds.fletcher32)
+                                 fletcher32=ds.fletcher32, scaleoffset=ds.scaleoffset)
         for name, value in ds.attrs.items():
             out.attrs[name] = value
         for name in src:

@@ -14,8 +14,8 @@ The figure has four panels: precision@top-R for I->T and T->I (R up to 2,000 on 
 otherwise), and precision against recall as the Hamming radius grows from 0 to the code
 length, for I->T and T->I. Every run is one line on each panel.
 """
-import argparse
 import json
+import os
 import sys
 import zipfile
 import zlib
@@ -79,7 +79,9 @@ def load_codes(npz_path):
         raise settings.UserError(f"{npz_path}: cannot be read as an .npz file, truncated or "
                                  f"corrupt? ({type(err).__name__}: {err})") from err
     check_codes(npz_path, codes)
-    return labelled_queries(npz_path, codes)
+    codes = labelled_queries(npz_path, codes)
+    check_shared_labels(npz_path, codes['query_labels'], codes['db_labels'])
+    return codes
 
 
 def labelled_queries(npz_path, codes):
@@ -115,6 +117,25 @@ def check_codes(npz_path, codes):
             found = ', '.join(str(v) for v in np.unique(codes[key])[:5])
             raise settings.UserError(f"{npz_path}: {key} holds the values {found}; expected "
                                      f"hash codes of -1 and +1 (train.py's codes files)")
+    check_labels(npz_path, codes['query_labels'], codes['db_labels'])
+
+
+def check_labels(npz_path, query_labels, db_labels):
+    """Labels of 0 and 1, as train.py saves them."""
+    for key, labels in (('query_labels', query_labels), ('db_labels', db_labels)):
+        if not np.isin(labels, (0, 1)).all():
+            found = ', '.join(str(v) for v in np.unique(labels)[:5])
+            raise settings.UserError(f"{npz_path}: {key} holds the values {found}; expected "
+                                     f"0 and 1")
+
+
+def check_shared_labels(npz_path, query_labels, db_labels):
+    """Some query sharing a label with some database item: otherwise every precision is 0
+    and every recall undefined, and the figure would show nothing."""
+    if not (query_labels.any(0) & db_labels.any(0)).any():
+        raise settings.UserError(f"{npz_path}: no query shares a label with any database "
+                                 f"item, so nothing is relevant and every curve would be 0; "
+                                 f"expected the labels train.py saved")
 
 
 def read_json(path):
@@ -199,14 +220,21 @@ def draw(series, out_path, title=None):
     if title:
         fig.suptitle(plain_text(title))
     fig.tight_layout()
+    out_path = Path(out_path)
+    # under a temporary name (same ending: it picks the format), renamed when complete, so
+    # that a failed or interrupted write never leaves half a picture under --out
+    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
     try:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=100)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out_path)
     except OSError as err:
         raise settings.UserError(f"--out {out_path}: cannot write it ({type(err).__name__}: "
                                  f"{err})") from err
     finally:
         plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def plain_text(text):
@@ -231,16 +259,9 @@ def check_out(path):
 
 
 # ===== command line =====
-class Parser(argparse.ArgumentParser):
-    """argparse, its errors one line (settings.run_cli: exit status 2) like every other."""
-
-    def error(self, message):
-        raise settings.UserError(f"{message}; see python plots.py --help")
-
-
 def parse(argv):
     """The command line, checked; nothing is read or drawn."""
-    p = Parser(prog='plots.py', description=__doc__.split('\n')[0])
+    p = settings.ArgumentParser(prog='plots.py', description=__doc__.split('\n')[0])
     p.add_argument('runs', nargs='+', metavar='RUN_DIR',
                    help="run directories or codes .npz files; one line each")
     p.add_argument('--out', required=True, help="the PNG file to write")

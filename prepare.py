@@ -37,6 +37,7 @@ the original is kept beside it as <name>.before-repack.
 Settings: RAW_DIR, SIZE, MIN_TAG_IMAGES, TOP_CONCEPTS, WORKERS, REPACK (SETTINGS below) and any
 of settings.py (DATASET, DATA_DIR, SPLIT_SEED for the check, ...).
 """
+import contextlib
 import io
 import multiprocessing
 import os
@@ -403,6 +404,11 @@ def build_nuswide(cfg):
 def repack_images(cfg):
     """Rewrite the dataset's IAll with one image per chunk; the original is kept."""
     path = dcmh.dcmh_path(cfg.DATASET, cfg.DATA_DIR, 'IAll')
+    with folder_lock(os.path.dirname(os.path.abspath(path)), path):
+        repack_locked(path)
+
+
+def repack_locked(path):
     var = matfile.describe(path, 'IAll')
     if var.version != 'v7.3':
         print(f"{path}: a v5 file, read whole; nothing to repack")
@@ -414,7 +420,7 @@ def repack_images(cfg):
         print(f"{path}: already one image per chunk; nothing to do")
         return
     kept, tmp = path + '.before-repack', path + '.tmp'
-    if os.path.exists(kept):
+    if os.path.lexists(kept):
         raise UserError(f"{kept} exists (an earlier REPACK?); move it away first: REPACK keeps "
                         f"the original there and never overwrites a file")
     size = os.path.getsize(path)
@@ -424,24 +430,68 @@ def repack_images(cfg):
                         f"new copy, {free / 2**30:.1f} GiB free")
     print(f"repacking {path} ({store.chunks} a chunk, {store.compression}) to one image per "
           f"chunk")
+    linked = os.path.islink(path)
     try:
         matfile.repack(var, tmp, layout)
         if not matfile.same_images(var, tmp, layout):
             raise UserError(f"REPACK of {path}: the copy does not read back the same; "
                             f"original left as it was")
-        try:   # a second name for the original, so that the new file replaces it atomically
-            os.link(path, kept)
-        except OSError:   # a file system without hard links
-            os.replace(path, kept)
-        os.replace(tmp, path)
+        swap(path, tmp, kept)
     except matfile.READ_ERRORS as err:
         raise UserError(f"REPACK of {path}: {matfile.one_line(err)}; original left as it "
                         f"was") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"  done, read back byte-identical; the original is kept as {kept} "
-          f"({size / 2**30:.2f} GiB): delete it when you no longer need it")
+    if linked:   # the link was replaced by the new file; what it pointed to is untouched
+        print(f"  done, read back byte-identical; {path} was a link: it is now the repacked "
+              f"file, and {kept} links to the original, {os.path.realpath(kept)}, untouched")
+    else:
+        print(f"  done, read back byte-identical; the original is kept as {kept} "
+              f"({size / 2**30:.2f} GiB): delete it when you no longer need it")
+
+
+def swap(path, tmp, kept):
+    """Give the original a second name, `kept`, then put tmp in its place atomically."""
+    try:
+        os.link(path, kept, follow_symlinks=False)   # a symlinked IAll: kept is the link
+    except FileExistsError:   # made since it was checked: never written over
+        raise UserError(f"{kept} exists (made while REPACK ran?); the original is left as it "
+                        f"was") from None
+    except OSError:   # a file system without hard links
+        os.rename(path, kept)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not os.path.lexists(path):
+            os.rename(kept, path)   # the original back under its own name
+        else:
+            os.remove(kept)   # only the second name
+        raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder, path):
+    """One REPACK at a time in a folder: an exclusive flock on the folder itself (a second
+    REPACK would write the same temporary file), so that no lock file is left behind. Where
+    folders cannot be locked (no fcntl, some network file systems) it runs unlocked."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):   # a missing folder is reported by what follows
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"REPACK of {path}: another REPACK is running in {folder}; wait "
+                            f"for it to end") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 # ===== the command line =====
@@ -456,13 +506,29 @@ def resolve(argv):
     return cfg
 
 
+# What prepare.py says of the datasets it builds nothing for, before checking them.
+NOTHING_TO_BUILD = {
+    'Wiki': "Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
+            "into DATA_DIR); checking it",
+    'Custom': "Custom is your own folder of pairs, read as it is (docs/custom.md); checking it",
+}   # IAPR and MSCOCO exist only as published features (PUBLISHED=UCCH): nothing to build
+IALL_DATASETS = ('MIRFlickr', 'NUSWIDE', 'DEMO')   # the ones with an IAll to REPACK
+
+
 def main(argv):
     cfg = resolve(argv)
     dataset = cfg.DATASET
     if cfg.REPACK:
-        if dataset == 'Wiki':
-            raise UserError("setting REPACK=True: Wiki's images are JPEG files, not an IAll")
+        if dataset not in IALL_DATASETS:
+            raise UserError(f"setting REPACK=True: rewrites the IAll of DCMH's files "
+                            f"({', '.join(IALL_DATASETS)}); DATASET={dataset!r} has none")
+        if settings.uses_image_features(cfg):
+            raise UserError("setting REPACK=True: rewrites the images' IAll; leave "
+                            "IMAGE_FEATURES and PUBLISHED empty")
+        datasets.data_files(cfg)   # the other files too: a folder the check fails is left alone
         repack_images(cfg)
+    elif cfg.PUBLISHED:
+        print(f"{cfg.PUBLISHED}'s feature files are read as they are downloaded; checking them")
     elif dataset == 'MIRFlickr':
         build_mirflickr(cfg)
     elif dataset == 'NUSWIDE':
@@ -471,8 +537,7 @@ def main(argv):
         demo.make_demo(cfg.DATA_DIR)
         print(f"DEMO: wrote {demo.DEMO_PAIRS} generated pairs to {cfg.DATA_DIR}")
     else:
-        print("Wiki is distributed in the layout the loader reads (unpack wikipedia_dataset.zip "
-              "into DATA_DIR); checking it")
+        print(NOTHING_TO_BUILD[dataset])
     datasets.check(cfg)
     return 0
 

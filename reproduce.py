@@ -15,7 +15,6 @@ The summary reads every results.json under a folder and lists, per cell and dire
 mean ± sample standard deviation (ddof=1) over seeds beside the paper's mAP@50 (its Tables 1
 and 2).
 """
-import argparse
 import csv
 import json
 import math
@@ -95,7 +94,7 @@ def grid_cells(tables, datasets, variants, bits, seeds):
     """The cells to run, in order, without duplicates: (dataset, variant, bits, seed).
 
     Tables 1 and 2 share NUS-WIDE DJSRH at 64 and 128 bits; it runs once."""
-    cells = []
+    cells, seen = [], set()
     for seed in range(seeds):  # seed 0 of every cell first: a partial grid covers the table
         for name in tables:
             table = TABLES[name]
@@ -103,7 +102,8 @@ def grid_cells(tables, datasets, variants, bits, seeds):
                 for variant in variants or table['variants']:
                     for code_len in bits or table['bits']:
                         cell = (dataset, variant, code_len, seed)
-                        if cell not in cells:
+                        if cell not in seen:
+                            seen.add(cell)
                             cells.append(cell)
     return cells
 
@@ -276,7 +276,11 @@ def prepare_grid(args):
         raise settings.UserError(f"setting {', '.join(clash)} is set by the grid; use "
                                  "--table/--datasets/--variants/--bits/--seeds/--out-dir")
     cells = grid_cells(args.table, args.datasets, args.variants, args.bits, args.seeds)
-    return extra, cells, [cell_config(cell, extra) for cell in cells]
+    configs = [cell_config(cell, extra) for cell in cells]
+    if configs and configs[0].DEVICE.startswith('cuda'):   # a CUDA device that is not here
+        import train
+        train.pick_device(configs[0])
+    return extra, cells, configs
 
 
 def run_grid(args):
@@ -838,7 +842,9 @@ def write_csv(rows, path):
 def summarize(args):
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir():
-        raise settings.UserError(f"{runs_dir}: no such folder")
+        what = 'is a file' if runs_dir.exists() else 'no such folder'
+        raise settings.UserError(f"{runs_dir}: {what}; expected the folder of the runs "
+                                 f"(--out-dir of the grid)")
     found = load_results(runs_dir)
     if not found:
         raise settings.UserError(f"{runs_dir}: no results.json found under it")
@@ -888,20 +894,23 @@ OVERRIDE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
 
 
 def run_parser():
-    p = argparse.ArgumentParser(
+    p = settings.ArgumentParser(
         prog='reproduce.py', description='Run a grid of train.py cells (resumable). '
         'See also: reproduce.py summary RUNS_DIR.')
-    p.add_argument('--table', nargs='+', choices=['2', '1', 'demo', 'features'],
+    # extend: '--table demo --table 2' is both, as '--table demo 2' (it kept the last alone)
+    p.add_argument('--table', nargs='+', action='extend',
+                   choices=['2', '1', 'demo', 'features'],
                    help="which grid: '2' (datasets x bits), '1' (NUS-WIDE ablation), "
                         "'demo' (DEMO x 16, 32, 64, 128 bits), 'features' (UCCH's feature files of "
                         "MIRFlickr, NUS-WIDE, IAPR TC-12, MS-COCO x bits; PUBLISHED=UCCH "
                         "unless given); default: 2 then 1, or 2 alone when --datasets, "
                         "--variants or --bits is given")
-    p.add_argument('--datasets', nargs='+', choices=list(settings.PRESETS),
+    p.add_argument('--datasets', nargs='+', action='extend', choices=list(settings.PRESETS),
                    help="these datasets instead of the table's")
-    p.add_argument('--variants', nargs='+', choices=list(settings.VARIANTS),
+    p.add_argument('--variants', nargs='+', action='extend', choices=list(settings.VARIANTS),
                    help="these variants instead of the table's")
-    p.add_argument('--bits', nargs='+', type=int, help="these code lengths instead of the table's")
+    p.add_argument('--bits', nargs='+', action='extend', type=int,
+                   help="these code lengths instead of the table's")
     p.add_argument('--seeds', type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
     p.add_argument('--out-dir', default=settings.OUT_DIR,
                    help=f"runs go to OUT_DIR/RUN_NAME (default {settings.OUT_DIR})")
@@ -918,7 +927,7 @@ def run_parser():
 
 
 def summary_parser():
-    p = argparse.ArgumentParser(
+    p = settings.ArgumentParser(
         prog='reproduce.py summary',
         description='Tabulate every results.json under RUNS_DIR beside the paper.')
     p.add_argument('runs_dir', metavar='RUNS_DIR')
@@ -937,6 +946,23 @@ def main(argv):
         return 0
 
 
+# More seeds than this is a typo: the paper's means are over a few, and a grid of millions
+# of cells would take minutes to list before anything is checked.
+MAX_SEEDS = 1000
+
+
+def check_run_args(args):
+    """The options' ranges, and --out-dir a folder (or none yet), before anything runs."""
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise settings.UserError(f"--seeds {args.seeds}: expected 1 to {MAX_SEEDS}")
+    if args.max_cells is not None and args.max_cells < 1:
+        raise settings.UserError(f"--max-cells {args.max_cells}: expected at least 1 "
+                                 f"(--dry-run runs none)")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise settings.UserError(f"--out-dir {args.out_dir}: is a file; expected the folder "
+                                 f"the runs go to")
+
+
 def command(argv):
     if argv and argv[0] == 'summary':
         return summarize(summary_parser().parse_args(argv[1:]))
@@ -949,8 +975,8 @@ def command(argv):
     if args.table is None:
         given = args.datasets or args.variants or args.bits
         args.table = ['2'] if given else ['2', '1']
-    if args.seeds < 1:
-        raise settings.UserError(f"--seeds {args.seeds}: expected at least 1")
+    args.table = list(dict.fromkeys(args.table))   # '--table 2 2' is Table 2 once
+    check_run_args(args)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return run_grid(args)

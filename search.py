@@ -19,7 +19,6 @@ Every setting is KEY=VALUE (SETTINGS below); `--grid out.png` is GRID=out.png. T
 evaluation engine (faiss_top_map, faiss_map) and sharded search (search_shards) are here
 too; docs/search.md describes all of it.
 """
-import ast
 import hashlib
 import os
 import sys
@@ -159,16 +158,21 @@ def parse(argv):
 
 
 def options(pairs):
-    opts = dict(SETTINGS)
+    opts, given = dict(SETTINGS), {}
     for arg in pairs:
         key, sep, text = arg.partition('=')
         key = key.upper()
         if not sep or key not in SETTINGS:
-            raise UserError(f"argument {arg!r}: expected KEY=VALUE with KEY one of "
-                            f"{', '.join(SETTINGS)}")
+            raise UserError(f"argument {settings.shorten(arg)}: expected KEY=VALUE with KEY "
+                            f"one of {', '.join(SETTINGS)}")
         opts[key] = option_value(key, text)
         if key in ('TEXT_OF', 'IMAGE_OF') and opts[key] < 0:   # -1 is only the default's "none"
             raise UserError(f"{key}={opts[key]}: expected a pair number of at least 0")
+        if key in given and given[key] != opts[key]:   # the last wins, as in settings.py
+            settings.warn_once(f"setting {key} given twice ({settings.shorten(given[key])}, "
+                               f"then {settings.shorten(opts[key])}): the last, "
+                               f"{settings.shorten(opts[key])}, is used")
+        given[key] = opts[key]
     if opts['TARGET'] not in ('',) + MODALITIES:
         raise UserError(f"setting TARGET={opts['TARGET']!r}: expected 'image' or 'text'")
     if opts['COLLECTION'] not in ('database', 'images'):
@@ -203,15 +207,12 @@ def check_grid(path, query_image):
 
 def option_value(key, text):
     """Strings are taken as written (quotes around them removed); integers must be integers."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
+    value = settings.literal(text)
     if isinstance(SETTINGS[key], str):
         value = value if isinstance(value, str) else text
         return value if key in ('TEXT', 'TARGET', 'COLLECTION') else os.path.expanduser(value)
     if type(value) is not int:
-        raise UserError(f"setting {key}={text!r}: expected an integer")
+        raise UserError(f"setting {key}={settings.shorten(text)}: expected an integer")
     return value
 
 

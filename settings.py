@@ -5,6 +5,7 @@ the constants here, then the preset of DATASET (PRESETS), then the ablation VARI
 (VARIANTS), then KEY=VALUE overrides from the command line. `resolve(argv)` does that and
 returns a namespace; importing this module reads no file and no command line.
 """
+import argparse
 import ast
 import math
 import os
@@ -149,7 +150,7 @@ SCHEDULE = frozenset({'NUM_EPOCH', 'EVAL_INTERVAL', 'EVAL_UNTRAINED'})
 NOT_SETTINGS = frozenset({'PRESETS', 'VARIANTS', 'BACKBONES', 'RUN_CONTROL', 'SCHEDULE',
                           'SEED_MAX', 'RANGES', 'NOT_SETTINGS', 'SETTING_LINE',
                           'BORROWED_PRESETS', 'PUBLISHED_LAYOUTS', 'PUBLISHED_ONLY',
-                          'USAGE_WIDTH', 'CONTINUATION_LINE', 'TYPE_WORDS'})
+                          'USAGE_WIDTH', 'CONTINUATION_LINE', 'TYPE_WORDS', 'WARNED'})
 
 
 class UserError(Exception):
@@ -163,20 +164,62 @@ def defaults():
 
 
 def parse_overrides(argv):
-    """KEY=VALUE strings -> dict of UPPER_CASE key to Python value (unchecked)."""
+    """KEY=VALUE strings -> dict of UPPER_CASE key to Python value (unchecked). A key given
+    twice with different values: the last wins, as in a shell script that overrides its
+    common settings (`train.py $COMMON CODE_LEN=32`), and a warning says so."""
     out = {}
     for arg in argv:
         if arg in ('-h', '--help', 'help'):
             raise HelpRequested(arg)
         key, sep, text = arg.lstrip('-').partition('=')
         if not sep or not key:
-            raise UserError(f"argument {arg!r}: expected KEY=VALUE")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word such as DATASET=Wiki is taken as a string
-        out[key.upper()] = value
+            raise UserError(f"argument {shorten(arg)}: expected KEY=VALUE")
+        value = literal(text)
+        key = key.upper()
+        if key in out and not same_value(out[key], value):
+            warn_once(f"setting {key} given twice ({shorten(out[key])}, then {shorten(value)}):"
+                      f" the last, {shorten(value)}, is used")
+        out[key] = value
     return out
+
+
+WARNED = set()   # warn_once's messages: a grid resolves the same arguments once per cell
+
+
+def warn_once(message):
+    """On stdout, as the data's warnings: stderr keeps to the one line of an error."""
+    if message not in WARNED:
+        WARNED.add(message)
+        print(f"warning: {message}")
+
+
+def with_defaults(defaults, argv):
+    """A command's own KEY=VALUE defaults, then the user's argv: a key the user gives
+    replaces the default (without the warning of a key given twice)."""
+    given = parse_overrides(argv)
+    return [arg for arg in defaults if arg.partition('=')[0].upper() not in given] + list(argv)
+
+
+def literal(text):
+    """A Python literal (numbers, strings, True/False, ...), never evaluated as code; any
+    other text is taken as a string (a bare word such as DATASET=Wiki). Deeply nested text
+    makes the parser raise MemoryError or RecursionError, and a set of lists TypeError."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def same_value(a, b):
+    """1 and 1.0 are the same setting; True and 1 are not."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def shorten(value, limit=80):
+    """repr(value) for a message, cut to about `limit` characters (a value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-12:]} " \
+        f"({len(text)} characters)"
 
 
 TYPE_WORDS = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}
@@ -191,7 +234,7 @@ def _check_type(key, value, default):
         ok = isinstance(value, type(default))
     if not ok:
         kind = TYPE_WORDS.get(type(default), f"a {type(default).__name__}")
-        raise UserError(f"setting {key}={value!r}: expected {kind} like the default "
+        raise UserError(f"setting {key}={shorten(value)}: expected {kind} like the default "
                         f"{default!r}")
     return float(value) if isinstance(default, float) else value
 
@@ -205,15 +248,16 @@ def resolve(argv=(), extra=None, **overrides):
     given.update({k.upper(): v for k, v in overrides.items()})
     unknown = sorted(set(given) - set(base))
     if unknown:
-        raise UserError(f"unknown setting {', '.join(unknown)}; valid settings: "
+        names = ', '.join(key if len(key) <= 40 else key[:37] + '...' for key in unknown)
+        raise UserError(f"unknown setting {names}; valid settings: "
                         f"{', '.join(sorted(base))}")
     checked = {k: _check_type(k, v, base[k]) for k, v in given.items()}
     dataset = checked.get('DATASET', base['DATASET'])
     variant = checked.get('VARIANT', base['VARIANT'])
     if dataset not in PRESETS:
-        raise UserError(f"setting DATASET={dataset!r}: expected one of {', '.join(PRESETS)}")
+        raise UserError(f"setting DATASET={shorten(dataset)}: expected one of {', '.join(PRESETS)}")
     if variant not in VARIANTS:
-        raise UserError(f"setting VARIANT={variant!r}: expected one of {', '.join(VARIANTS)}")
+        raise UserError(f"setting VARIANT={shorten(variant)}: expected one of {', '.join(VARIANTS)}")
     cfg = {**base, **PRESETS[dataset], **VARIANTS[variant], **checked}
     if cfg['PUBLISHED'] and 'DATA_DIR' not in checked:
         cfg['DATA_DIR'] = published_dir(cfg['PUBLISHED'], cfg['DATA_DIR'])
@@ -258,7 +302,7 @@ def validate(cfg):
     """Range checks that a type check cannot do: every numeric setting, the names, RUN_NAME."""
     def need(ok, key, expected):
         if not ok:
-            raise UserError(f"setting {key}={cfg[key]!r}: expected {expected}")
+            raise UserError(f"setting {key}={shorten(cfg[key])}: expected {expected}")
     for key, (low, high, expected) in RANGES.items():
         value = cfg[key]
         need(math.isfinite(value) and value >= low and (high is None or value <= high),
@@ -354,6 +398,14 @@ def process_alive(pid):
     except PermissionError:   # alive, another user's
         return True
     return True
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands with --options (reproduce.py, bench.py, plots.py): a
+    mistake is one line, a UserError (run_cli: exit status 2), not usage and error."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see python {self.prog} --help")
 
 
 # ===== --help =====

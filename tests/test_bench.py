@@ -93,6 +93,64 @@ def test_dataset_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and 'DATASET' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('argv, words', [
+    (['gpu', '--device='], ["--device ''", 'cpu, cuda or cuda:N']),   # '' ran the full sizes
+    (['gpu', '--device', 'tpu'], ["--device 'tpu'"]),
+    (['gpu', '--device', 'cpu', 'DEVICE=cuda'], ['setting DEVICE', '--device']),
+    (['gpu', '--device', 'cpu', '--out', 'A_FILE'], ['--out', 'is a file']),
+    (['--part', 'loader', 'CHUNK=1000000000'], ['CHUNK=1000000000', 'expected 1 to 20015']),
+    (['--part', 'loader', 'CHUNK=0'], ['CHUNK=0']),
+    (['--part', 'loader', 'DATASET=Wiki'], ["DATASET='Wiki'", "replica is MIRFlickr's"]),
+    (['--part', 'loader', 'DATA_DIR=DEMO', 'CHUNK=8'], ['CHUNK=8', 'replica only']),
+    (['--part', 'loader', 'DATA_DIR=DEMO', 'IMAGE_FEATURES="x.npy"'], ['IMAGE_FEATURES']),
+    (['--part', 'eval', '--bits', '0'], ['--bits 0', 'at least 1']),   # ran on 0 bits
+    (['--part', 'eval', '--repeats', '0'], ['--repeats 0']),          # UnboundLocalError
+    (['--part', 'eval', '--device', 'tpu'], ["--device 'tpu'"]),      # torch's RuntimeError
+    (['--part', 'loader', '--seconds', '-1'], ['--seconds -1.0']),
+    (['--part', 'bogus'], ["invalid choice: 'bogus'", 'python bench.py --help']),  # usage too
+    (['search', '--nflips', 'a'], ['--nflips a']),                    # int('a'): ValueError
+    (['search', '--sizes', '10'], ['--sizes 10', 'items:bits']),
+    (['search', '--kinds', 'foo'], ['--kinds foo']),
+])
+def test_bad_arguments_are_one_line_before_any_work(argv, words, tiny_demo, tmp_path,
+                                                     monkeypatch, capsys):
+    """Refused before a replica, a DEMO or a report is written (a replica takes minutes)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'A_FILE').write_text('mine')
+    argv = [a.replace('DEMO', tiny_demo) if a.startswith('DATA_DIR') else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        settings.run_cli(bench.main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1, err
+    assert all(word in err for word in words), err
+    assert sorted(os.listdir(tmp_path)) == ['A_FILE']
+
+
+@pytest.mark.parametrize('dataset', ['Wiki', 'DEMO'])
+def test_loader_part_on_image_files_and_on_an_iall(dataset, tiny_demo, tmp_path, capsys):
+    """Wiki's (and Custom's) images are files, not an IAll: measured, not a KeyError."""
+    import conftest
+    folder = tiny_demo
+    if dataset == 'Wiki':
+        folder = str(tmp_path / 'wiki')
+        conftest.write_wiki(folder, n_train=8, n_test=4)
+    bench.main_loader([f'DATASET={dataset}', f'DATA_DIR={folder!r}', 'NUM_WORKERS=0',
+                       'BATCH_SIZE=4', 'RESIZE=64', 'CROP=64'], seconds=0.2)
+    out = capsys.readouterr().out
+    assert ('image files' if dataset == 'Wiki' else 'chunks of') in out
+    assert 'loader database:' in out
+
+
+def test_an_interrupted_replica_leaves_nothing(tmp_path, monkeypatch):
+    def stop(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, 'replica_images', stop)
+    folder = tmp_path / 'data' / 'bench-loader' / 'replica'
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_loader_replica(str(folder), 8, n=16, size=16)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_the_whole_run_on_the_cpu(tiny_demo, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.GPU_SIZES, 'small', TINY)

@@ -252,3 +252,31 @@ def test_demo_commands_extract_train_eval(tmp_path):
     run('train.py', f'IMAGE_FEATURES={path!r}', 'EVAL=True')
     with open(os.path.join(run_dir, 'eval.json')) as f:
         assert json.load(f)['map_i2t'] == results['map_i2t']
+
+
+@pytest.mark.parametrize('where', ['', '.partial'])
+def test_a_folder_under_the_output_name_is_refused_at_once(tiny, tmp_path, monkeypatch, where):
+    """Found before any row is computed (the last rename failed with a traceback)."""
+    folder = tmp_path / 'mir'
+    copy_dataset(tiny, folder)
+    cfg = settings_for(folder)
+    os.makedirs(extract.output_path(cfg) + where)
+    monkeypatch.setattr(extract, 'feature_network', boom)
+    with pytest.raises(UserError, match='is a folder; extract.py writes a file'):
+        extract.extract(cfg)
+    assert sorted(os.listdir(folder)) == sorted(
+        [*MIR_NAMES, os.path.basename(extract.output_path(cfg) + where)])
+
+
+def boom(*args):
+    raise UserError('could not get the ImageNet weights (offline)')
+
+
+def test_weights_that_cannot_be_had_leave_nothing(tiny, tmp_path, monkeypatch):
+    """PRETRAINED=True offline: the error comes before the partial file is made."""
+    folder = tmp_path / 'mir'
+    copy_dataset(tiny, folder)
+    monkeypatch.setattr(extract, 'feature_network', boom)
+    with pytest.raises(UserError, match='ImageNet weights'):
+        extract.extract(settings_for(folder))
+    assert sorted(os.listdir(folder)) == sorted(MIR_NAMES)

@@ -1,12 +1,14 @@
 """plots.py: the curves it draws are metric.py's numbers for the right code pairs, they behave
 as they must on codes whose answer is known, and the PNG comes from saved codes alone."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import metric
 import plots
+import settings
 
 BITS = 16
 CLASSES = 4
@@ -150,7 +152,15 @@ def broken(tmp_path, how):
         np.savez(npz, **codes)
     elif how == 'no_labels':   # as a Custom run without labels saves them: no label column
         codes = make_codes(rng)
-        codes.update(query_labels=codes['query_labels'][:, :0], db_labels=codes['db_labels'][:, :0])
+        codes.update(query_labels=codes['query_labels'][:, :0],
+                     db_labels=codes['db_labels'][:, :0])
+        np.savez(npz, **codes)
+    elif how in ('labels_zero', 'labels_signed'):
+        codes = make_codes(rng)
+        if how == 'labels_zero':   # labelled queries, an unlabelled database
+            codes['db_labels'][:] = 0
+        else:
+            codes['db_labels'] = codes['db_labels'].astype(np.int8) * -1
         np.savez(npz, **codes)
     elif how == 'results_list':
         (run / 'results.json').write_text('[1, 2]')
@@ -173,6 +183,8 @@ BROKEN = {  # case -> (output name, words of the one-line error)
     'codes_bool': ('x.png', ['epoch_003.npz', 'db_img', '-1 and +1']),
     'no_bits': ('x.png', ['epoch_003.npz', 'unexpected shapes']),
     'no_labels': ('x.png', ['epoch_003.npz', 'no query has a label', 'recall@K']),
+    'labels_zero': ('x.png', ['epoch_003.npz', 'no query shares a label']),  # drew nothing
+    'labels_signed': ('x.png', ['epoch_003.npz', 'db_labels', 'values -1, 0', '0 and 1']),
     'results_list': ('x.png', ['results.json', 'list']),
     'results_codes_number': ('x.png', None),   # the codes it names cannot be: the latest ones
     'results_not_json': ('x.png', ['results.json', 'cannot be read']),
@@ -220,6 +232,16 @@ def test_partly_labelled_queries_are_curved_over_the_labelled_ones(tmp_path):
         np.testing.assert_array_equal(got[key], {**codes, 'query_labels': some}[key][keep])
     for key in ('db_img', 'db_txt', 'db_labels'):
         np.testing.assert_array_equal(got[key], codes[key])
+def test_a_failed_write_leaves_no_partial_picture(tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+    run = save_run(tmp_path / 'run', make_codes(np.random.default_rng(8)))
+    def half_then_full_disk(fig, path, **kwargs):
+        Path(path).write_bytes(b'\x89PNG half')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', half_then_full_disk)
+    with pytest.raises(settings.UserError, match='No space left'):
+        plots.main([str(run), '--out', str(tmp_path / 'figs' / 'c.png')])
+    assert list((tmp_path / 'figs').iterdir()) == []
 
 
 def test_out_names_exactly_the_file_written(tmp_path, capsys):

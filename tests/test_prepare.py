@@ -3,7 +3,10 @@ import contextlib
 import io
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
+import zlib
 
 import h5py
 import numpy as np
@@ -11,7 +14,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
+import conftest
 import datasets
+import matfile
 import prepare
 import settings
 from conftest import config
@@ -281,12 +286,16 @@ def test_prepare_errors_are_one_line(tmp_path, capsys):
         (['WORKERS=-1'], 'WORKERS=-1'),
         (['RAW_DIR=3'], "setting RAW_DIR=3: expected a str"),
         (['SPLIT_SEED=0.5'], 'SPLIT_SEED'),            # a setting of settings.py, checked
-        (['DATASET=Flickr'], 'DATASET'),
+        (['DATASET=Flickr'], "DATASET='Flickr'"),
+        (['DATASET=Custom', 'REPACK=True'], "DATASET='Custom' has none"),   # was a KeyError
+        (['DATASET=IAPR', 'PUBLISHED="UCCH"', 'REPACK=True'], "DATASET='IAPR' has none"),
+        (['IMAGE_FEATURES="x.npy"', 'REPACK=True'], 'leave IMAGE_FEATURES and PUBLISHED empty'),
     ]
     for argv, named in cases:
-        code, err = run_prepare(['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path / "o")!r}']
-                                + argv, capsys)
+        base = ['DATASET=MIRFlickr', f'DATA_DIR={str(tmp_path / "o")!r}']
+        code, err = run_prepare(settings.with_defaults(base, argv), capsys)
         assert code == 2 and err.count('\n') == 1 and named in err, (argv, err)
+    assert not os.path.exists(tmp_path / 'o')
 
 
 def test_prepare_settings_are_settings(capsys):
@@ -354,3 +363,158 @@ def test_repack_gives_one_image_per_chunk_byte_identical(tmp_path, capsys):
     shutil.copy(str(path) + '.before-repack', path)   # chunked again, the kept copy still there
     with pytest.raises(settings.UserError, match='before-repack exists'):
         prepare.main(argv)   # it would have to overwrite the kept original
+
+
+def rewrite_iall(path, **options):
+    """The IAll of `path` stored again with these h5py dataset options (chunks of 8 images);
+    unknown=True: compressed with HDF5 filter 32001 (blosc), whose plugin h5py lacks here."""
+    with h5py.File(path, 'a') as f:
+        images, attrs = f['IAll'][()], dict(f['IAll'].attrs)
+        del f['IAll']
+        chunks = (8,) + images.shape[1:]
+        if options.pop('unknown', False):
+            ds = f.create_dataset('IAll', shape=images.shape, dtype=images.dtype, chunks=chunks,
+                                  compression=32001, allow_unknown_filter=True)
+            for a in range(0, len(images), 8):   # the chunks as that filter would store them
+                ds.id.write_direct_chunk((a, 0, 0, 0), zlib.compress(images[a:a + 8].tobytes()))
+        else:
+            ds = f.create_dataset('IAll', data=images, chunks=chunks, **options)
+        for name, value in attrs.items():
+            ds.attrs[name] = value
+    return images
+
+
+def repack_argv(folder):
+    return ['DATASET=MIRFlickr', f'DATA_DIR={str(folder)!r}', 'REPACK=True', 'BATCH_SIZE=4']
+
+
+@pytest.mark.parametrize('options', [dict(compression='lzf', shuffle=True, fletcher32=True),
+                                     dict(scaleoffset=0), dict(compression='gzip')])
+def test_repack_keeps_every_filter(tmp_path, options, capsys):
+    """Same filters after the repack (scaleoffset was dropped)."""
+    folder = tmp_path / 'mir'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    path = folder / conftest.MIR_NAMES[0]
+    images = rewrite_iall(path, **options)
+    def filters(ds):   # names and settings (scaleoffset's own parameters hold the chunk size)
+        return sorted(ds._filters), ds.compression_opts, ds.shuffle, ds.scaleoffset
+    with h5py.File(path, 'r') as f:
+        before = filters(f['IAll'])
+    assert prepare.main(repack_argv(folder)) == 0
+    with h5py.File(path, 'r') as f:
+        assert f['IAll'].chunks[0] == 1 and filters(f['IAll']) == before
+        np.testing.assert_array_equal(f['IAll'][()], images)
+
+
+def test_a_filter_h5py_cannot_decode_is_named(tmp_path, capsys):
+    """Not HDF5's words about a plugin folder: the filter, and that the file is not at fault."""
+    folder = tmp_path / 'mir'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    rewrite_iall(folder / conftest.MIR_NAMES[0], unknown=True)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for main, argv in ((prepare.main, repack_argv(folder)),    # REPACK, then the check
+                       (datasets.main, repack_argv(folder)[:2])):
+        with pytest.raises(SystemExit) as stop:
+            settings.run_cli(main, argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count('\n') == 1, err
+        assert 'IAll is compressed with HDF5 filter 32001' in err and 'cannot decode' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def hold_folder_lock(folder):
+    """Another process holding the folder's flock, as a running REPACK does, until its
+    stdin closes."""
+    code = ("import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, '-c', code, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == 'locked\n'
+    return proc
+
+
+def test_repack_while_another_runs_is_refused(tmp_path, capsys):
+    """Two REPACKs of one file wrote the same temporary file: each removed the other's and
+    both failed with a misleading message. The second is now refused before it writes."""
+    folder = tmp_path / 'mir'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    rewrite_iall(folder / conftest.MIR_NAMES[0], compression='gzip')
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = hold_folder_lock(folder)
+    try:
+        code, err = run_prepare(repack_argv(folder), capsys)
+    finally:
+        conftest.release(other)
+    assert code == 2 and 'another REPACK is running' in err and err.count('\n') == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert prepare.main(repack_argv(folder)) == 0   # the lock went with its process
+
+
+def test_repack_of_an_incomplete_folder_changes_nothing(tmp_path, capsys):
+    """LAll missing: refused before the IAll is rewritten (it was rewritten, then the check
+    failed with exit status 2)."""
+    folder = tmp_path / 'mir'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    rewrite_iall(folder / conftest.MIR_NAMES[0], compression='gzip')
+    os.remove(folder / conftest.MIR_NAMES[2])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, err = run_prepare(repack_argv(folder), capsys)
+    assert code == 2 and 'missing file mirflickr25k-lall.mat' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_repack_never_writes_over_a_kept_file_made_meanwhile(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / 'mir'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    path = folder / conftest.MIR_NAMES[0]
+    rewrite_iall(path, compression='gzip')
+    original = path.read_bytes()
+    kept = folder / (path.name + '.before-repack')
+    same = matfile.same_images
+    def someone_writes_kept(*args):
+        kept.write_text('theirs')
+        return same(*args)
+    monkeypatch.setattr(matfile, 'same_images', someone_writes_kept)
+    code, err = run_prepare(repack_argv(folder), capsys)
+    assert code == 2 and 'made while REPACK ran' in err
+    assert kept.read_text() == 'theirs' and path.read_bytes() == original
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*conftest.MIR_NAMES, kept.name])
+
+
+def test_repack_of_a_symlinked_iall(tmp_path, capsys):
+    """The link is replaced by the new file; the file it pointed to is untouched, and the
+    kept name is the link (deleting it frees nothing: the message says so)."""
+    folder, store = tmp_path / 'mir', tmp_path / 'store'
+    conftest.write_dcmh(folder, conftest.MIR_NAMES, n=24)
+    store.mkdir()
+    path = folder / conftest.MIR_NAMES[0]
+    rewrite_iall(path, compression='gzip')
+    os.replace(path, store / 'real.mat')
+    os.symlink('../store/real.mat', path)
+    original = (store / 'real.mat').read_bytes()
+    assert prepare.main(repack_argv(folder)) == 0
+    out = capsys.readouterr().out
+    assert 'was a link' in out and str(store / 'real.mat') in out
+    kept = folder / (path.name + '.before-repack')
+    assert os.readlink(kept) == '../store/real.mat' and not path.is_symlink()
+    assert (store / 'real.mat').read_bytes() == original
+    with h5py.File(path, 'r') as f:
+        assert f['IAll'].chunks[0] == 1
+
+
+@pytest.mark.parametrize('argv, said', [
+    (['DATASET=IAPR', 'PUBLISHED=UCCH'], "UCCH's feature files are read as they are"),
+    (['DATASET=MIRFlickr', 'PUBLISHED=UCCH'], "UCCH's feature files are read as they are"),
+    (['DATASET=Custom'], 'Custom is your own folder'),
+])
+def test_nothing_to_build_says_what_it_checks(argv, said, tmp_path, capsys):
+    """Not Wiki's words for every dataset it builds nothing for; and nothing is built into
+    a published layout's folder."""
+    with pytest.raises(SystemExit) as stop:   # the check then finds no such folder
+        settings.run_cli(prepare.main, [*argv, f"DATA_DIR={str(tmp_path / 'none')!r}"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 2 and said in out and 'Wiki' not in out
+    assert os.listdir(tmp_path) == []

@@ -92,7 +92,7 @@ def test_a_wrong_command_is_not_accepted(capsys):
     """The check can fail: a misspelt setting or an unknown grid option is refused."""
     with pytest.raises(settings.UserError, match='CODE_LENGTH'):
         accept('train.py', ['DATASET=DEMO', 'CODE_LENGTH=16'], capsys)
-    with pytest.raises(SystemExit):
+    with pytest.raises(settings.UserError, match='--tables'):
         accept('reproduce.py', ['--tables', '2'], capsys)
     with pytest.raises(settings.UserError):
         accept('search.py', ['query'], capsys)

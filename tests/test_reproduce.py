@@ -67,13 +67,41 @@ def test_time_left_uses_matching_cells():
 
 
 @pytest.mark.parametrize('argv', [['SEED=1'], ['RUN_NAME=x'], ['NOT_A_SETTING=1'],
-                                  ['CODE_LEN="a"'], ['--seeds', '0']])
-def test_user_mistakes_exit_2(argv, capsys):
+                                  ['CODE_LEN="a"'], ['--seeds', '0'],
+                                  ['--seeds', '100000000'],   # listed cells for minutes
+                                  ['--max-cells', '0'], ['--max-cells', '-1'],
+                                  ['--out-dir', 'A_FILE'], ['--plan', '--out-dir', 'A_FILE'],
+                                  ['--table', '9'], ['--tabel', '2'],   # argparse: usage too
+                                  ['DEVICE="cuda:7"', '--plan']])  # after its first timing
+def test_user_mistakes_exit_2(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'A_FILE').write_text('mine')
     with pytest.raises(SystemExit) as exit_:
         settings.run_cli(reproduce.main, ['--dry-run', '--table', 'demo', *argv])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1
+    assert os.listdir(tmp_path) == ['A_FILE']
+
+
+def test_a_missing_feature_file_stops_the_grid_before_any_run(tmp_path, monkeypatch, capsys):
+    """Named before the first run (was left to train.py, after the DEMO was generated)."""
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main(['--table', 'demo', '--seeds', '1', 'TEXT_FEATURES="none.npy"']) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: DEMO: setting TEXT_FEATURES='none.npy': no such file; expected an "
+                   "N x d array with one row per pair (extract.py writes the image features)\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_repeated_list_options_add_up(capsys):
+    """'--table demo --table 1' is both tables (argparse kept the last alone, silently)."""
+    args = reproduce.run_parser().parse_args(['--table', 'demo', '--table', '1', '--bits', '16',
+                                              '--bits', '32', '64'])
+    assert args.table == ['demo', '1'] and args.bits == [16, 32, 64]
+    assert reproduce.main(['--dry-run', '--table', '2', '2', '--datasets', 'Wiki', '--bits',
+                           '16', '--seeds', '1']) == 0
+    assert '1 cells' in capsys.readouterr().out
 
 
 def test_dry_run_passes_overrides_through(tmp_path, capsys):
@@ -405,6 +433,10 @@ def test_summary_lists_runs_without_labels_by_recall(tmp_path, capsys):
 def test_summary_of_nothing_is_a_user_error(tmp_path):
     with pytest.raises(settings.UserError, match='no results.json'):
         reproduce.main(['summary', str(tmp_path)])
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(settings.UserError, match='a_file: is a file; expected the folder'):
+        reproduce.main(['summary', str(tmp_path / 'a_file')])
+    (tmp_path / 'a_file').unlink()
     (tmp_path / 'r').mkdir()
     (tmp_path / 'r' / 'results.json').write_text('{"dataset": "DEMO"}')
     with pytest.raises(settings.UserError, match='missing code_len'):

@@ -512,6 +512,7 @@ BAD_ARGS = {   # arguments after `query` -> words of the one-line error
     ('RUN={run}', 'TEXT_OF=3', 'DATA_DIR={tmp}'): ['missing file mirflickr25k-yall.mat'],
     ('RUN={tmp}', 'TEXT=red00'): ['RUN=', 'no checkpoint.pt'],
     ('TEXT=red00',): ['setting RUN', 'expected the run directory'],
+    ('RUN={run}', 'IMAGE_OF=3', 'K={{[1]}}'): ['K=', 'expected an integer'],
 }
 
 

@@ -56,6 +56,36 @@ def test_override_types():
         settings.resolve(['DATASET=CIFAR'])
 
 
+@pytest.mark.parametrize('argv, words', [
+    (['BETA=' + '-' * 100000 + '1'], ['BETA=']),           # the parser: MemoryError
+    (['CODE_LEN=1' + '+1' * 3000], ['CODE_LEN=']),         # RecursionError
+    (['CODE_LEN={{}}'], ['CODE_LEN=']),                    # TypeError: a set of a dict
+    (['CODE_LEN={[1]}'], ['CODE_LEN=']),
+    (['NUM_EPOCH=__import__("os").system("exit 3")'], ['NUM_EPOCH=', 'an integer']),
+    (['CODE_LEN=' + '9' * 100000], ['CODE_LEN=', '100002 characters']),
+    (['X' * 10000 + '=1'], ['unknown setting XXX']),
+])
+def test_odd_values_are_one_short_line(argv, words):
+    """Values are literals or strings, never code; whatever the text, a short UserError."""
+    with pytest.raises(UserError) as info:
+        settings.resolve(argv)
+    message = str(info.value)
+    assert all(word in message for word in words) and len(message) < 1000, message[:300]
+
+
+def test_a_repeated_setting_warns_once_and_the_last_wins(capsys, monkeypatch):
+    """Not silent; and a script's `$COMMON CODE_LEN=32` still overrides its common value."""
+    monkeypatch.setattr(settings, 'WARNED', set())
+    for _ in range(2):   # a grid resolves the same arguments once per cell: one warning
+        assert settings.resolve(['CODE_LEN=16', 'code_len=32']).CODE_LEN == 32
+    assert capsys.readouterr().out == ("warning: setting CODE_LEN given twice (16, then 32): "
+                                       "the last, 32, is used\n")
+    assert settings.resolve(['CODE_LEN=16', 'CODE_LEN=16', 'LR_IMG=1', 'LR_IMG=1.0']).CODE_LEN == 16
+    assert capsys.readouterr().out == ''
+    assert settings.with_defaults(['DATASET=DEMO', 'NUM_WORKERS=1'], ['num_workers=0']) == \
+        ['DATASET=DEMO', 'num_workers=0']
+
+
 def test_importing_reads_no_command_line(monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['x', 'CODE_LEN=999'])
     assert settings.resolve().CODE_LEN == 64
