@@ -255,9 +255,11 @@ def resolve(argv=(), extra=None, **overrides):
     dataset = checked.get('DATASET', base['DATASET'])
     variant = checked.get('VARIANT', base['VARIANT'])
     if dataset not in PRESETS:
-        raise UserError(f"setting DATASET={shorten(dataset)}: expected one of {', '.join(PRESETS)}")
+        raise UserError(f"setting DATASET={shorten(dataset)}: expected one of "
+                        f"{', '.join(PRESETS)}")
     if variant not in VARIANTS:
-        raise UserError(f"setting VARIANT={shorten(variant)}: expected one of {', '.join(VARIANTS)}")
+        raise UserError(f"setting VARIANT={shorten(variant)}: expected one of "
+                        f"{', '.join(VARIANTS)}")
     cfg = {**base, **PRESETS[dataset], **VARIANTS[variant], **checked}
     if cfg['PUBLISHED'] and 'DATA_DIR' not in checked:
         cfg['DATA_DIR'] = published_dir(cfg['PUBLISHED'], cfg['DATA_DIR'])
