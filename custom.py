@@ -59,7 +59,7 @@ def load(cfg, need_images=True):
     n = len(rows)
     query, train, database = split(n, *split_sizes(n, cfg.QUERY_SIZE, cfg.TRAIN_SIZE, path),
                                    cfg.SPLIT_SEED)
-    labels, names = label_matrix(rows)
+    labels, names = label_matrix(rows, path)
     images = ManifestImages([os.path.join(data_dir, os.path.normpath(row.image)) for row in rows],
                             [f"{path}, line {row.line}" for row in rows])
     labelled = int(labels.any(1).sum())
@@ -362,14 +362,25 @@ def json_line(where, line):
         raise UserError(f"{where}: not JSON ({err}); expected one object a line") from None
 
 
-def label_matrix(rows):
+def label_matrix(rows, where):
     """(uint8 (N, C) 0/1, the C label names sorted); C = 0 when no pair has a label."""
     names = sorted({name for row in rows for name in row.labels})
+    size = len(rows) * len(names)
+    if size > LABEL_SHARE * pairs.physical_memory():
+        # labels are categories shared by pairs; one name a pair (a caption put in labels)
+        # makes the matrix, and the label products of every evaluation, N x N
+        raise UserError(f"{where}: {len(names)} label names over {len(rows)} pairs; as a "
+                        f"pairs x names matrix that is {size / 2**30:.1f} GiB, more than "
+                        f"{LABEL_SHARE:.0%} of this machine's memory; expected labels that "
+                        f"pairs share (categories), or none")
     column = {name: c for c, name in enumerate(names)}
     labels = np.zeros((len(rows), len(names)), np.uint8)
     for i, row in enumerate(rows):
         labels[i, [column[name] for name in row.labels]] = 1
     return labels, names
+
+
+LABEL_SHARE = 0.1   # of the machine's memory, at most, for the label matrix
 
 
 # ===== the split =====

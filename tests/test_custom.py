@@ -84,7 +84,7 @@ def test_csv_and_jsonl_manifests_read_the_same(folder):
     assert [(r.line, r.image, r.labels) for r in rows] == [
         (2, 'a.png', ['dog', 'grass']), (4, 'sub/b.png', []), (6, 'sub/deeper/c.png', ['dog'])]
     assert rows[0].text == 'a red dog, on grass'
-    labels, names = custom.label_matrix(rows)
+    labels, names = custom.label_matrix(rows, 'pairs.csv')
     assert names == ['dog', 'grass'] and labels.tolist() == [[1, 1], [0, 0], [1, 0]]
     (folder / 'pairs.csv').unlink()
     (folder / 'pairs.jsonl').write_text('\n'.join(json.dumps(dict(image=r.image, text=r.text,
@@ -93,7 +93,20 @@ def test_csv_and_jsonl_manifests_read_the_same(folder):
     again = custom.read_manifest(custom.manifest_path(str(folder)))
     assert [(r.image, r.text, r.labels) for r in again] == [(r.image, r.text, r.labels)
                                                             for r in rows]
-    assert custom.label_matrix([custom.Row(1, 'a', 't', [])])[0].shape == (1, 0)
+    assert custom.label_matrix([custom.Row(1, 'a', 't', [])], 'pairs.csv')[0].shape == (1, 0)
+
+
+def test_a_label_per_pair_too_many_for_memory_is_one_line(monkeypatch):
+    """Captions put in the labels column: as many names as pairs, an N x N matrix. Refused
+    when it would take more than LABEL_SHARE of the memory (here made 1 MB), before it is made."""
+    monkeypatch.setattr(custom.pairs, 'physical_memory', lambda: 10**6)
+    rows = [custom.Row(i + 2, f'{i}.png', 'text', [f'caption {i}']) for i in range(400)]
+    with pytest.raises(UserError) as err:
+        custom.label_matrix(rows, 'pairs.csv')
+    assert str(err.value).startswith('pairs.csv: 400 label names over 400 pairs; ')
+    assert 'expected labels that pairs share' in str(err.value)
+    shared = [custom.Row(i + 2, f'{i}.png', 'text', ['dog', 'cat'][i % 2:]) for i in range(400)]
+    assert custom.label_matrix(shared, 'pairs.csv')[0].shape == (400, 2)   # 800 bytes: fine
 
 
 BAD_CSV = [
