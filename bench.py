@@ -41,7 +41,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import re
 import statistics
 import sys
 import time
@@ -1269,7 +1268,7 @@ def check_gpu_args(args):
     """--device, --out and the KEY=VALUE settings, before minutes of work: --device names
     one device (not '' = 'whichever', which on a CPU would run the full sizes), --out a
     folder, and DEVICE is --device's."""
-    if args.device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', args.device):
+    if not settings.names_device(args.device):
         raise settings.UserError(f"bench.py gpu --device {args.device!r}: expected cpu, cuda or "
                                  f"cuda:N")
     if 'DEVICE' in settings.parse_overrides(args.overrides):
@@ -1336,7 +1335,7 @@ def main(argv=None):
                     'epochs'), 1)
     if args.seconds < 0 or args.seconds != args.seconds:
         raise settings.UserError(f"--seconds {args.seconds}: expected 0 (whole passes) or more")
-    if args.device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', args.device):
+    if not settings.names_device(args.device):
         raise settings.UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     print(costs.machine())
     if args.part == 'loader':   # not part of 'all': it writes a 3 GB replica on first use

@@ -39,6 +39,7 @@ VOCABULARY_FILE = 'vocabulary.json'   # in the run directory: search.py reads TE
 STOP_WORDS = 'english'                # scikit-learn's built-in list (ENGLISH_STOP_WORDS)
 MANIFESTS = ('pairs.csv', 'pairs.jsonl')
 COLUMNS = ('image', 'text')           # required; 'labels' is optional
+NAMED = (*COLUMNS, 'labels')         # the columns (pairs.csv) or keys (pairs.jsonl) read
 LABEL_SEPARATOR = ';'                 # between label names in pairs.csv
 QUERY_DEFAULT, QUERY_SHARE, QUERY_SHARE_BELOW = 2000, 0.1, 20000   # QUERY_SIZE=0
 
@@ -287,11 +288,11 @@ def header_columns(path, header):
         hint = f" (fields separated by {other[0]!r}? they are by commas)" if other else ''
         raise UserError(f"{path}, line 1: the header {','.join(header) or '(empty)'} has "
                         f"no column {', '.join(missing)}{hint}; expected image,text[,labels]")
-    twice = [name for name in (*COLUMNS, 'labels') if header.count(name) > 1]
+    twice = [name for name in NAMED if header.count(name) > 1]
     if twice:   # which of them is meant cannot be told
         raise UserError(f"{path}, line 1: the header {','.join(header)} names the column "
                         f"{', '.join(twice)} more than once; expected each once")
-    return {name: header.index(name) for name in (*COLUMNS, 'labels') if name in header}
+    return {name: header.index(name) for name in NAMED if name in header}
 
 
 def check_width(where, fields, header, at):
@@ -348,7 +349,7 @@ def json_line(where, line):
     keep the last one silently)."""
     def unique_keys(pairs):
         keys = [key for key, _ in pairs]
-        twice = [key for key in (*COLUMNS, 'labels') if keys.count(key) > 1]
+        twice = [key for key in NAMED if keys.count(key) > 1]
         if twice:
             raise UserError(f"{where}: the key {', '.join(twice)} is given more than once; "
                             f"expected each once")

@@ -113,10 +113,10 @@ def feature_files(cfg):
     out = []
     for key in ('IMAGE_FEATURES', 'TEXT_FEATURES'):
         path = getattr(cfg, key)
-        if path and not os.path.isfile(path):
-            raise UserError(f"setting {key}={path!r}: no such file; expected an N x d array "
-                            f"with one row per pair (extract.py writes the image features)")
-        out += [path] if path else []
+        if path:
+            features.need_file(path, f"setting {key}={path!r}",
+                               'extract.py writes the image features')
+            out.append(path)
     return out
 
 
@@ -330,9 +330,9 @@ class SplitRuns:
 
 
 def as_is(item):
-    """The fill's items stay NumPy arrays: sent through the workers' pipe as bytes. As
-    tensors they would be shared by file descriptor, for which each worker makes a pymp-*
-    folder in the temp directory, left behind when an error stops it mid-read."""
+    """The fill's items stay NumPy arrays, sent through the workers' pipe as bytes: the main
+    process only writes them into its NumPy cache, so making them tensors (shared by file
+    descriptor, one handshake each) would gain nothing."""
     return item
 
 

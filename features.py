@@ -43,13 +43,18 @@ class FeatureRows:
 
 # ===== reading one features file =====
 
+def need_file(path, where, hint):
+    """A features file that is not there is one line naming `where` it was given."""
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: no such file; expected an N x d array with one row per "
+                        f"pair ({hint})")
+
+
 def read_features(path, n, setting, preferred_key):
     """The N x d array of a features file (a memory map for .npy), checked. `setting`
     names it in errors: 'IMAGE_FEATURES', 'TEXT_FEATURES', or '' for a published file."""
     where = f"setting {setting}={path!r}" if setting else path
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: no such file; expected an N x d array with one row per "
-                        f"pair ({n} pairs)")
+    need_file(path, where, f"{n} pairs")
     if path.endswith('.npy'):
         check_npy_magic(path, where)
         try:

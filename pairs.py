@@ -174,12 +174,9 @@ class FileImages:
                 raise UserError(f"{path}: a valid image too large to decode ({size}); shrink it")
             raise UserError(f"{path}: not a readable image (OpenCV cannot decode it)")
         height, width = bgr.shape[:2]
-        if max(height, width) > MAX_ASPECT * min(height, width):
-            # Resize(RESIZE) scales the shorter side up to RESIZE: a 1 x 100,000 strip would
-            # become 25 million pixels wide at 256 and exhaust the memory
-            raise UserError(f"{path}: {width} x {height} pixels, one side more than "
-                            f"{MAX_ASPECT} times the other; expected a picture (crop or drop "
-                            f"it)")
+        problem = elongated(width, height)
+        if problem:
+            raise UserError(f"{path}: {problem} (crop or drop it)")
         # reversing the channels is cv2.cvtColor(BGR2RGB) without its thread pool, which
         # must not be started before the DataLoader forks its workers
         return np.ascontiguousarray(bgr[..., ::-1])
@@ -203,6 +200,16 @@ class FileImages:
 
 MAX_ASPECT = 100          # longer side / shorter side of an image file (FileImages)
 CV_MAX_PIXELS = 1 << 30   # OpenCV's default limit (CV_IO_MAX_IMAGE_PIXELS): imread gives None
+
+
+def elongated(width, height):
+    """Why an image of these sides is refused, or None. Resize(RESIZE) scales the shorter
+    side up to RESIZE: a 1 x 100,000 strip would become 25 million pixels wide at 256 and
+    exhaust the memory."""
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return (f"{width} x {height} pixels, one side more than {MAX_ASPECT} times the "
+                f"other; expected a picture")
+    return None
 
 
 def oversized(path):

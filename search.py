@@ -144,7 +144,7 @@ def parse(argv):
     if not argv or argv[0] not in COMMANDS:
         raise UserError(f"expected a command, {' or '.join(COMMANDS)}: python search.py index "
                         f"RUN=<run dir> | python search.py query RUN=<run dir> TEXT=\"words\"")
-    command, rest, pairs = argv[0], argv[1:], []
+    command, rest, given = argv[0], argv[1:], []
     while rest:
         arg = rest.pop(0)
         if arg == '--grid':
@@ -153,13 +153,13 @@ def parse(argv):
             arg = 'GRID=' + rest.pop(0)
         elif arg.startswith('--grid='):
             arg = 'GRID=' + arg[len('--grid='):]
-        pairs.append(arg)
-    return command, options(pairs)
+        given.append(arg)
+    return command, options(given)
 
 
-def options(pairs):
+def options(args):
     opts, given = dict(SETTINGS), {}
-    for arg in pairs:
+    for arg in args:
         key, sep, text = arg.partition('=')
         key = key.upper()
         if not sep or key not in SETTINGS:
@@ -168,10 +168,8 @@ def options(pairs):
         opts[key] = option_value(key, text)
         if key in ('TEXT_OF', 'IMAGE_OF') and opts[key] < 0:   # -1 is only the default's "none"
             raise UserError(f"{key}={opts[key]}: expected a pair number of at least 0")
-        if key in given and given[key] != opts[key]:   # the last wins, as in settings.py
-            settings.warn_once(f"setting {key} given twice ({settings.shorten(given[key])}, "
-                               f"then {settings.shorten(opts[key])}): the last, "
-                               f"{settings.shorten(opts[key])}, is used")
+        if key in given:   # the last wins, as in settings.py
+            settings.warn_repeated(key, given[key], opts[key])
         given[key] = opts[key]
     if opts['TARGET'] not in ('',) + MODALITIES:
         raise UserError(f"setting TARGET={opts['TARGET']!r}: expected 'image' or 'text'")
@@ -557,9 +555,9 @@ def decode_image(path):
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as img:
-            if max(img.size) > pairs.MAX_ASPECT * min(img.size):   # as FileImages refuses
-                return None, (f"{img.size[0]} x {img.size[1]} pixels, one side more than "
-                              f"{pairs.MAX_ASPECT} times the other; expected a picture")
+            problem = pairs.elongated(*img.size)   # as FileImages refuses
+            if problem:
+                return None, problem
             return ImageOps.exif_transpose(img).convert('RGB'), None
     except Image.DecompressionBombError:
         return None, (f"more pixels than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} "

@@ -176,9 +176,8 @@ def parse_overrides(argv):
             raise UserError(f"argument {shorten(arg)}: expected KEY=VALUE")
         value = literal(text)
         key = key.upper()
-        if key in out and not same_value(out[key], value):
-            warn_once(f"setting {key} given twice ({shorten(out[key])}, then {shorten(value)}):"
-                      f" the last, {shorten(value)}, is used")
+        if key in out:
+            warn_repeated(key, out[key], value)
         out[key] = value
     return out
 
@@ -191,6 +190,13 @@ def warn_once(message):
     if message not in WARNED:
         WARNED.add(message)
         print(f"warning: {message}")
+
+
+def warn_repeated(key, before, value):
+    """A key given twice: the last value counts, and a different one is worth a warning."""
+    if not same_value(before, value):
+        warn_once(f"setting {key} given twice ({shorten(before)}, then {shorten(value)}): "
+                  f"the last, {shorten(value)}, is used")
 
 
 def with_defaults(defaults, argv):
@@ -312,12 +318,17 @@ def validate(cfg):
     need(cfg['MU'] > 0, 'MU', RANGES['MU'][2])
     need(cfg['RESIZE'] >= cfg['CROP'], 'RESIZE', f"at least CROP={cfg['CROP']}")
     need(cfg['BACKBONE'] in BACKBONES, 'BACKBONE', f"one of {', '.join(BACKBONES)}")
-    need(cfg['DEVICE'] in ('', 'cpu') or re.fullmatch(r'cuda(:\d+)?', cfg['DEVICE']),
+    need(cfg['DEVICE'] == '' or names_device(cfg['DEVICE']),
          'DEVICE', "'', 'cpu' or 'cuda[:N]'")
     need(cfg['OUT_DIR'] != '', 'OUT_DIR', "a folder ('.' for the current one)")
     need(stays_inside(cfg['RUN_NAME']), 'RUN_NAME',
          "a name inside OUT_DIR (relative, no '..', '.' or empty parts)")
     validate_features(cfg, need)
+
+
+def names_device(text):
+    """'cpu', 'cuda' or 'cuda:N': one device, as DEVICE and bench.py's --device take it."""
+    return text == 'cpu' or re.fullmatch(r'cuda(:\d+)?', text) is not None
 
 
 def published_dir(layout, preset_dir):
